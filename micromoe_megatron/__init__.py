@@ -1,0 +1,1 @@
+"""MicroEP for Megatron-LM."""
