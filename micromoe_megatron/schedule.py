@@ -415,7 +415,7 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holders: np.ndarray,
         int64 ``[R, 4]`` rows ``(src, expert, dst, count)`` sorted by (src, expert, dst), counts > 0.
     """
     num_gpus, num_experts = tokens.shape
-    supply = np.ascontiguousarray(tokens.T, dtype=np.int64)             # [E, F]
+    supply = np.array(tokens.T, dtype=np.int64, order="C")              # [E, F], a copy
     if not np.array_equal(supply.sum(axis=1), quota.sum(axis=1)):
         raise ValueError("quota does not cover the tokens: row sums of quota must equal expert loads")
     valid = holders >= 0
@@ -427,8 +427,9 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holders: np.ndarray,
     # Routed tokens are kept as [holder index j, expert, source] so sums over j stay contiguous.
     local = np.where(valid, np.minimum(supply[experts, holder_gpu], demand), 0)
     routed = np.zeros((holders.shape[1], num_experts, num_gpus), dtype=np.int64)
-    routed[np.arange(holders.shape[1]), experts, holder_gpu] = local
-    supply[experts, holder_gpu] -= local
+    expert_of, slot_of = np.nonzero(valid)  # real holders only: padding would repeat (e, GPU 0)
+    routed[slot_of, expert_of, holder_gpu[expert_of, slot_of]] = local[expert_of, slot_of]
+    supply[expert_of, holder_gpu[expert_of, slot_of]] -= local[expert_of, slot_of]
     demand = demand - local
     # Tier 2, same node (only when there are several nodes); tier 3, anywhere.
     tiers = [(num_gpus, np.where(valid, 0, -1))]

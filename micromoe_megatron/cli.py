@@ -1,0 +1,190 @@
+"""The ``micromoe`` command: schedule an instance, show a placement, run benchmarks.
+
+Errors in the input exit with status 2 and one line naming the offending field or flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import bench, placement
+from .schedule import ReplicaScheduler, validate_holders, validate_tokens
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the field."""
+
+
+def _int_field(data: dict, name: str, minimum: int = 1, required: bool = True) -> int | None:
+    if name not in data:
+        if required:
+            raise InputError(f"{name}: missing (an integer >= {minimum})")
+        return None
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def load_instance(data) -> tuple[tuple[tuple[int, ...], ...], np.ndarray, int, int | None]:
+    """Parse a schedule instance (see README) into (holders, tokens [F, E], F, gpus_per_node)."""
+    if not isinstance(data, dict):
+        raise InputError("instance: must be a JSON object")
+    num_gpus = _int_field(data, "num_gpus")
+    gpus_per_node = _int_field(data, "gpus_per_node", required=False)
+    if ("holders" in data) == ("placement" in data):
+        raise InputError("holders/placement: give exactly one of 'holders' or 'placement'")
+    if "holders" in data:
+        holders = data["holders"]
+        if not isinstance(holders, list) or not all(isinstance(h, list) for h in holders):
+            raise InputError("holders: must be a list of GPU lists, one per expert")
+        if not all(isinstance(g, int) and not isinstance(g, bool) for h in holders for g in h):
+            raise InputError("holders: GPU ids must be integers")
+    else:
+        spec = data["placement"]
+        if not isinstance(spec, dict):
+            raise InputError("placement: must be an object {kind, experts, replicas, seed}")
+        kind = spec.get("kind", "symmetric")
+        try:
+            layout = placement.make_placement(
+                kind, num_gpus, _int_field(spec, "experts"), _int_field(spec, "replicas"),
+                seed=_int_field(spec, "seed", minimum=0, required=False) or 0, path=spec.get("file"))
+        except placement.PlacementError as exc:
+            raise InputError(f"placement: {exc}") from exc
+        holders = layout.holders
+    try:
+        holders = validate_holders(holders, num_gpus)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(row, list) for row in tokens):
+        raise InputError("tokens: must be a list of per-expert count lists, one per source GPU")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for row in tokens for v in row):
+        raise InputError("tokens: counts must be numbers")
+    if len({len(row) for row in tokens}) > 1:
+        raise InputError("tokens: rows have different lengths")
+    try:
+        tokens = validate_tokens(np.array(tokens), num_gpus, len(holders))
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return holders, tokens, num_gpus, gpus_per_node
+
+
+def _read_json(path: str):
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise InputError(f"INSTANCE: cannot read {path}: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"INSTANCE: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def cmd_schedule(args) -> None:
+    holders, tokens, num_gpus, gpus_per_node = load_instance(_read_json(args.instance))
+    try:
+        scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node,
+                                     time_limit_s=args.time_limit_ms / 1e3)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    plan = scheduler.plan(tokens)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+        return
+    print(f"{num_gpus} GPUs, {len(holders)} experts, {int(tokens.sum())} token-expert assignments")
+    print(f"max load {plan.max_load} (LP optimum {plan.lp_optimum:.2f}), mean {plan.mean_load:.2f}, "
+          f"max/mean {plan.imbalance:.4f}")
+    print(f"load per GPU: {plan.load_per_gpu.tolist()}")
+    print(f"remote tokens {plan.remote_tokens} ({plan.remote_tokens / max(tokens.sum(), 1):.1%}), "
+          f"{len(plan.routes)} routes, scheduled in {plan.schedule_ms:.3f} ms"
+          + (f"; FALLBACK: {plan.fallback_reason}" if plan.fallback else ""))
+
+
+def cmd_placement(args) -> None:
+    try:
+        layout = placement.make_placement(args.kind, args.gpus, args.experts, args.replicas,
+                                          seed=args.seed, path=args.file)
+    except placement.PlacementError as exc:
+        raise InputError(str(exc)) from exc
+    uniform = np.ones(layout.num_experts)
+    bound = placement.max_induced_density(layout.holders, uniform, layout.num_gpus) \
+        if layout.num_gpus <= 16 else None
+    if args.json:
+        print(json.dumps({**layout.to_json(), "eq3_bound_uniform": bound,
+                          "mean_load_uniform": layout.num_experts / layout.num_gpus}))
+        return
+    print(f"{args.kind} placement: {layout.num_gpus} GPUs x {layout.slots_per_gpu} slots, "
+          f"{layout.num_experts} experts, replicas per expert {sorted(set(layout.logcnt.tolist()))}")
+    print("holders per expert:")
+    for e, gpus in enumerate(layout.holders):
+        print(f"  expert {e:>4}: slot {int(layout.expert_slot[e]):>3}, GPUs {list(gpus)}")
+    print("slot table (phy2log, one row per GPU):")
+    for g in range(layout.num_gpus):
+        print(f"  GPU {g:>3}: {layout.phy2log[g].tolist()}")
+    if bound is not None:
+        print(f"Eq. 3 bound for uniform load (1 token per expert): max GPU load {bound:.4f}, "
+              f"mean {layout.num_experts / layout.num_gpus:.4f}")
+    else:
+        print("Eq. 3 bound: exact enumeration only for <= 16 GPUs")
+
+
+def cmd_bench(args) -> None:
+    progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.what == "schedule":
+        result = bench.bench_schedule(steps=args.steps, progress=progress)
+        text = bench.format_schedule
+    else:
+        result = bench.bench_balance(steps=args.steps, progress=progress)
+        text = bench.format_balance
+    print(json.dumps(result) if args.json else text(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="micromoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schedule", help="plan one micro-batch of one layer from a JSON instance")
+    p.add_argument("instance", help="instance JSON file ('-' for stdin); see README")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--time-limit-ms", type=float, default=50.0, help="HiGHS time limit per solve")
+    p.set_defaults(run=cmd_schedule)
+
+    p = sub.add_parser("placement", help="show a placement: holders, slot table, Eq. 3 bound")
+    p.add_argument("--gpus", type=int, required=True, help="F, GPUs in the MicroEP group")
+    p.add_argument("--experts", type=int, required=True, help="E, logical experts")
+    p.add_argument("--replicas", type=int, default=2, help="d, replicas per expert")
+    p.add_argument("--kind", default="symmetric", help="symmetric | random | custom")
+    p.add_argument("--seed", type=int, default=0, help="seed for --kind random")
+    p.add_argument("--file", help="phy2log JSON for --kind custom")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_placement)
+
+    p = sub.add_parser("bench", help="benchmarks of the planning core")
+    p.add_argument("what", choices=["schedule", "balance"])
+    p.add_argument("--steps", type=int, default=None, help="steps per configuration")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "steps", 0) is None:
+        args.steps = 200 if args.what == "schedule" else 50
+    try:
+        args.run(args)
+    except InputError as exc:
+        print(f"micromoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

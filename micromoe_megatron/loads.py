@@ -1,0 +1,46 @@
+"""Synthetic routing counts for benchmarks and tests (pure numpy, seeded).
+
+The paper's load model (Fig. 8): the probability that a token goes to the i-th most popular expert is
+proportional to i^(-s) (Zipf skew s; s = 0 is uniform). Which expert is the i-th most popular is a
+random permutation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def zipf_probabilities(num_experts: int, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """``[E]`` routing probabilities: Zipf(skew) over a random popularity order."""
+    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -float(skew)
+    weights = rng.permutation(weights)
+    return weights / weights.sum()
+
+
+def sample_topk_counts(probabilities: np.ndarray, tokens_per_gpu: int, top_k: int, num_gpus: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """int64 ``[F, E]`` expert counts when each token picks ``top_k`` distinct experts.
+
+    Sampling without replacement by probability (Gumbel top-k), as a router's top-k does for
+    tokens whose scores follow ``probabilities``.
+    """
+    num_experts = probabilities.size
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
+    counts = np.zeros((num_gpus, num_experts), dtype=np.int64)
+    log_p = np.log(np.maximum(probabilities, 1e-300))
+    for g in range(num_gpus):
+        keys = log_p + rng.gumbel(size=(tokens_per_gpu, num_experts))
+        chosen = np.argpartition(-keys, top_k - 1, axis=1)[:, :top_k]
+        counts[g] = np.bincount(chosen.ravel(), minlength=num_experts)
+    return counts
+
+
+def multinomial_counts(probabilities: np.ndarray, assignments_per_gpu: int, num_gpus: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """int64 ``[F, E]``: each GPU's ``assignments_per_gpu`` token-expert pairs drawn independently.
+
+    Cheaper than ``sample_topk_counts`` (no distinct-expert constraint); used where many steps
+    are needed, e.g. scheduler timing.
+    """
+    return rng.multinomial(assignments_per_gpu, probabilities, size=num_gpus).astype(np.int64)
