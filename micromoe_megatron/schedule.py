@@ -453,3 +453,18 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holders: np.ndarray,
     routes[:, 2] = holder_gpu.ravel()[expert_slot]
     routes[:, 3] = by_source.ravel()[flat]
     return routes
+
+
+def vanilla_ep_load(tokens: np.ndarray, ep: int) -> np.ndarray:
+    """GPU loads ``[F]`` if the MicroEP group ran as ``d = F / EP`` separate vanilla EP groups.
+
+    GPU ``g`` is position ``g % EP`` of EP group ``g // EP`` and holds experts
+    ``[(g % EP) * L, (g % EP + 1) * L)``; it receives those experts' tokens from its own EP group.
+
+    Args:
+        tokens: int ``[F, E]`` tokens per (source GPU, logical expert).
+        ep: the vanilla expert-parallel size (divides F and E).
+    """
+    num_gpus, num_experts = tokens.shape
+    groups = tokens.reshape(num_gpus // ep, ep, ep, num_experts // ep)  # [group, src pos, dst pos, L]
+    return groups.sum(axis=(1, 3)).reshape(num_gpus)

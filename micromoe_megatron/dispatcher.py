@@ -1,0 +1,195 @@
+"""MicroEPDispatcher: Megatron's alltoall dispatcher, run in physical-slot space with a per-step plan.
+
+Megatron's EP group is the MicroEP group (``F = d * EP`` ranks) and the ``F * L = d * E`` expert
+slots are Megatron's "experts": slot ``p = g * L + l`` is slot ``l`` of rank ``g`` and holds logical
+expert ``phy2log[g, l]``. Per layer and micro-batch:
+
+    local counts [E] -> all-gather [F, E] -> plan (planning core, identical on every rank)
+    -> logical routing map / probs [T, E] turned into physical ones [T, F * L]
+    -> the stock permute / all-to-all / sort-chunks / experts / combine, unchanged.
+
+Each (token, expert) pair lands in exactly one slot, so ``num_out_tokens`` and the combine are the
+stock ones. The physical probs are a gather of the logical ones, so the router gets its gradients.
+The code uses the tensors' device only (no ``torch.cuda``): CPU/gloo and GPU/NCCL alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from .config import MicroEPConfig
+from .placement import Placement
+from .schedule import ReplicaScheduler, SchedulePlan, holder_table, vanilla_ep_load
+
+
+class PlanMismatchError(RuntimeError):
+    """Ranks of one MicroEP group computed different plans (debug check ``check_plans``)."""
+
+
+@dataclass
+class MicroEPStats:
+    """Per-layer statistics since the last ``reset()``, for logging.
+
+    ``load_before`` is what each GPU would process under vanilla EP, ``load_after`` what it
+    processes under the plan (last micro-batch); the sums and maxima accumulate over steps.
+    """
+
+    steps: int = 0
+    fallbacks: int = 0
+    schedule_ms_total: float = 0.0
+    remote_tokens: int = 0
+    tokens: int = 0
+    imbalance_before_total: float = 0.0
+    imbalance_after_total: float = 0.0
+    load_before: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    load_after: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def record(self, plan: SchedulePlan, load_before: np.ndarray, schedule_ms: float) -> None:
+        self.steps += 1
+        self.fallbacks += int(plan.fallback)
+        self.schedule_ms_total += schedule_ms
+        self.remote_tokens += plan.remote_tokens
+        self.tokens += int(load_before.sum())
+        self.imbalance_before_total += _imbalance(load_before)
+        self.imbalance_after_total += plan.imbalance
+        self.load_before, self.load_after = load_before, plan.load_per_gpu
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def _imbalance(load: np.ndarray) -> float:
+    mean = float(load.mean()) if load.size else 0.0
+    return float(load.max()) / mean if mean else 1.0
+
+
+def plan_digest(plan: SchedulePlan) -> int:
+    """A 63-bit fingerprint of a plan's quota and routes (for the cross-rank check)."""
+    digest = hashlib.blake2b(plan.quota.tobytes() + plan.routes.tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
+    """Alltoall dispatcher over a MicroEP group; see the module docstring.
+
+    Args:
+        num_local_experts: ``L``, slots per rank.
+        local_expert_indices: this rank's physical slot ids ``[g * L, (g + 1) * L)``.
+        config: the *physical* TransformerConfig (``num_moe_experts = d * E``).
+        pg_collection: process groups; ``pg_collection.ep`` is the MicroEP group.
+        placement: the slot table (``F`` GPUs x ``L`` slots, ``E`` logical experts).
+        micro_ep: plugin settings.
+        vanilla_ep: ``EP = F / d``, for the "before" statistics.
+        layer_number: for error messages and logs.
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
+                 placement: Placement, micro_ep: MicroEPConfig, vanilla_ep: int, layer_number=None):
+        super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
+        if placement.num_gpus != self.ep_size or placement.slots_per_gpu != num_local_experts:
+            raise ValueError(f"placement is {placement.num_gpus} GPUs x {placement.slots_per_gpu} slots, "
+                             f"the MicroEP group is {self.ep_size} ranks x {num_local_experts} slots")
+        self.placement = placement
+        self.micro_ep = micro_ep
+        self.vanilla_ep = vanilla_ep
+        self.layer_number = layer_number
+        self.scheduler = ReplicaScheduler(placement.holders, placement.num_gpus,
+                                          gpus_per_node=micro_ep.gpus_per_node,
+                                          time_limit_s=micro_ep.solver_time_limit_ms / 1e3)
+        self.stats = MicroEPStats()
+        self.plan_count = 0
+        self._holders = holder_table(placement.holders)                        # [E, D]
+        # holder_position[e, g]: index of GPU g among expert e's holders (-1 if it holds none).
+        self._holder_position = np.full((placement.num_experts, placement.num_gpus), -1, dtype=np.int64)
+        rows, cols = np.nonzero(self._holders >= 0)
+        self._holder_position[rows, self._holders[rows, cols]] = cols
+        self._plans: OrderedDict[bytes, SchedulePlan] = OrderedDict()
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # ------------------------------------------------------------ plan
+
+    def plan_for(self, tokens: np.ndarray) -> SchedulePlan:
+        """The plan for this micro-batch's ``[F, E]`` counts; a repeat (recompute) reuses it."""
+        key = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        start = time.perf_counter()
+        plan = self.scheduler.plan(tokens)
+        self.plan_count += 1
+        self.stats.record(plan, vanilla_ep_load(tokens, self.vanilla_ep), (time.perf_counter() - start) * 1e3)
+        if self.micro_ep.check_plans:
+            self._check_plan_agrees(plan)
+        self._plans[key] = plan
+        if len(self._plans) > self.micro_ep.plan_cache_size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _check_plan_agrees(self, plan: SchedulePlan) -> None:
+        mine = torch.tensor([plan_digest(plan)], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(self.ep_size)]
+        dist.all_gather(everyone, mine, group=self.ep_group)
+        hashes = [int(h) for h in everyone]
+        if len(set(hashes)) != 1:
+            raise PlanMismatchError(
+                f"MicroEP plan mismatch at layer {self.layer_number}, step {self.plan_count}: plan hashes "
+                f"per MicroEP rank {[f'{h:016x}' for h in hashes]}; every rank must feed the scheduler "
+                "the same counts in the same order")
+
+    def _gather_counts(self, routing_map: torch.Tensor) -> np.ndarray:
+        local = routing_map.sum(dim=0).to(torch.int64)
+        gathered = torch.empty(self.ep_size * local.numel(), dtype=torch.int64, device=local.device)
+        dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
+        return gathered.view(self.ep_size, -1).cpu().numpy()
+
+    def _tables(self, device: torch.device):
+        if device not in self._device_tables:
+            layout = self.placement
+            self._device_tables[device] = (
+                torch.as_tensor(self._holders, device=device),
+                torch.as_tensor(np.array(layout.expert_slot), device=device),
+                torch.as_tensor(np.array(layout.phy2log).ravel(), device=device),
+            )
+        return self._device_tables[device]
+
+    # ------------------------------------------------------------ logical -> physical
+
+    def to_physical(self, routing_map: torch.Tensor, probs: torch.Tensor, plan: SchedulePlan):
+        """Logical ``[T, E]`` routing map and probs -> physical ``[T, F * L]`` ones under ``plan``.
+
+        This rank's tokens of expert e go, in token order, first to e's first holder (as many as
+        the plan sends there), then to the next, and so on.
+        """
+        holders, expert_slot, log_of_phys = self._tables(routing_map.device)
+        num_experts, num_holders = self._holders.shape
+        me = self.ep_rank
+        routes = plan.routes
+        mine = routes[np.searchsorted(routes[:, 0], me, "left"):np.searchsorted(routes[:, 0], me, "right")]
+        split = np.zeros((num_experts, num_holders), dtype=np.int64)  # this rank's tokens per holder
+        split[mine[:, 1], self._holder_position[mine[:, 1], mine[:, 2]]] = mine[:, 3]
+        boundaries = torch.as_tensor(np.cumsum(split, axis=1), device=routing_map.device)  # [E, D]
+
+        order_in_expert = torch.cumsum(routing_map.to(torch.int64), dim=0) - 1              # [T, E]
+        replica = (order_in_expert.unsqueeze(-1) >= boundaries.unsqueeze(0)).sum(-1)
+        replica = replica.clamp_(max=num_holders - 1)
+        destination = holders[torch.arange(num_experts, device=routing_map.device), replica]  # [T, E]
+        physical_id = destination * self.num_local_experts + expert_slot                     # [T, E]
+        slots = torch.arange(log_of_phys.numel(), device=routing_map.device)
+        physical_map = routing_map[:, log_of_phys] & (physical_id[:, log_of_phys] == slots)
+        physical_probs = probs[:, log_of_phys] * physical_map
+        return physical_map, physical_probs
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        plan = self.plan_for(self._gather_counts(routing_map))
+        self.last_plan = plan
+        physical_map, physical_probs = self.to_physical(routing_map, probs, plan)
+        return super().dispatch_preprocess(hidden_states, physical_map, physical_probs)

@@ -1,0 +1,100 @@
+"""MicroMoELayer (a megatron-core MoELayer) and the layer-spec transform that installs it.
+
+The router keeps ``E`` logical experts; the experts and the dispatcher run in physical-slot space
+(``d * E`` slots over Megatron's EP group, which is the MicroEP group of ``F = d * EP`` ranks), so
+each rank holds ``L = E / EP`` slots: exactly the memory of vanilla EP.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+from megatron.core import utils
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_default_pg_collection
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .config import LayoutError, MicroEPConfig
+from .dispatcher import MicroEPDispatcher
+from .placement import make_placement
+
+
+class MicroMoELayer(MoELayer):
+    """MoELayer whose tokens are balanced across expert replicas every micro-batch.
+
+    Args: those of ``MoELayer``, plus ``micro_ep`` (the plugin settings). ``config`` is the model's
+    (logical) TransformerConfig; it is not modified.
+    """
+
+    def __init__(self, config, submodules: MoESubmodules | None = None, layer_number=None,
+                 pg_collection=None, is_mtp_layer: bool = False, name: str | None = None,
+                 micro_ep: MicroEPConfig | None = None):
+        micro_ep = micro_ep or MicroEPConfig()
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        if config.moe_token_dispatcher_type != "alltoall":
+            raise LayoutError(f"--micro-ep needs --moe-token-dispatcher-type alltoall, got "
+                              f"{config.moe_token_dispatcher_type!r}")
+        micro_ep_size = utils.get_pg_size(pg_collection.ep)
+        vanilla_ep = micro_ep.validate_layout(config.num_moe_experts, micro_ep_size,
+                                              expert_tp=utils.get_pg_size(pg_collection.expt_tp))
+        # Experts and dispatcher see d * E physical experts; the router keeps the logical config.
+        physical = copy.copy(config)
+        physical.num_moe_experts = config.num_moe_experts * micro_ep.replicas
+        submodules = submodules or MoESubmodules(experts=None)
+        logical_router = functools.partial(_build_router, submodules.router, config)
+        super().__init__(physical, dataclasses.replace(submodules, router=logical_router), layer_number,
+                         pg_collection, is_mtp_layer, name)
+        self.logical_config = config
+        self.micro_ep = micro_ep
+        self.placement = make_placement(micro_ep.placement, micro_ep_size, config.num_moe_experts,
+                                        micro_ep.replicas, seed=micro_ep.placement_seed,
+                                        path=micro_ep.placement_file)
+        self.token_dispatcher = MicroEPDispatcher(
+            self.num_local_experts, self.local_expert_indices, config=physical,
+            pg_collection=pg_collection, placement=self.placement, micro_ep=micro_ep,
+            vanilla_ep=vanilla_ep, layer_number=layer_number)
+        if self.shared_expert_overlap and self.shared_experts is not None:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    @property
+    def micro_ep_stats(self):
+        return self.token_dispatcher.stats
+
+
+def _build_router(router_builder, logical_config, *, config, pg_collection, **kwargs):
+    """Build the router with the logical config (E outputs), whatever config MoELayer passes."""
+    del config
+    return router_builder(config=logical_config, pg_collection=pg_collection, **kwargs)
+
+
+def _swap_mlp(mlp, micro_ep: MicroEPConfig):
+    """Return ``mlp`` with MoELayer replaced by MicroMoELayer (partial or ModuleSpec form)."""
+    if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+        return functools.partial(MicroMoELayer, *mlp.args, **mlp.keywords, micro_ep=micro_ep)
+    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+        return ModuleSpec(module=MicroMoELayer, submodules=mlp.submodules,
+                          params={**(mlp.params or {}), "micro_ep": micro_ep})
+    return mlp
+
+
+def use_micro_ep(spec, micro_ep: MicroEPConfig):
+    """Return a copy of a GPT layer or decoder-block spec with every MoE layer made a MicroMoELayer.
+
+    Works for the local and TransformerEngine specs: ``get_gpt_layer_local_spec``,
+    ``get_gpt_layer_with_transformer_engine_spec``, ``get_gpt_decoder_block_spec`` and their
+    ``TransformerBlockSubmodules``. Dense layers are left alone.
+    """
+    spec = copy.copy(spec)
+    layer_specs = getattr(spec, "layer_specs", None)
+    if layer_specs is None and isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "layer_specs"):
+        spec.submodules = use_micro_ep(spec.submodules, micro_ep)
+        return spec
+    if layer_specs is not None:
+        spec.layer_specs = [use_micro_ep(layer, micro_ep) for layer in layer_specs]
+        return spec
+    if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mlp"):
+        spec.submodules = copy.copy(spec.submodules)
+        spec.submodules.mlp = _swap_mlp(spec.submodules.mlp, micro_ep)
+    return spec

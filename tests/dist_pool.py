@@ -1,0 +1,97 @@
+"""A persistent pool of gloo ranks for multi-rank tests (imports cost ~8 s per process: pay once).
+
+``pool.run("tests.dist_cases:function", **kwargs)`` calls ``function(rank, world_size, **kwargs)`` on
+every rank and returns the per-rank results; an exception on any rank fails the call with that
+rank's traceback. After each call the ranks tear down Megatron's model-parallel state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import socket
+import sys
+import traceback
+
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    sys.path.insert(0, REPO)
+    import torch
+    import torch.distributed as dist
+
+    from micromoe_megatron import cpu_compat
+
+    torch.set_num_threads(1)
+    cpu_compat.apply()
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from megatron.core import parallel_state
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        target, kwargs = task
+        try:
+            module, name = target.split(":")
+            result = getattr(importlib.import_module(module), name)(rank, world_size, **kwargs)
+            results.put((rank, True, result))
+        except BaseException:  # report everything; the test decides
+            results.put((rank, False, traceback.format_exc()))
+        finally:
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+class RankPool:
+    def __init__(self, world_size: int = 4, timeout_s: float = 600.0):
+        self.world_size, self.timeout_s = world_size, timeout_s
+        context = mp.get_context("spawn")
+        self._tasks = [context.Queue() for _ in range(world_size)]
+        self._results = context.Queue()
+        port = _free_port()
+        self._procs = [context.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results),
+                                       daemon=True) for r in range(world_size)]
+        for proc in self._procs:
+            proc.start()
+        self.broken = False
+
+    def run(self, target: str, **kwargs) -> list:
+        if self.broken:
+            raise RuntimeError("the rank pool is broken by an earlier hang; rerun the tests")
+        for q in self._tasks:
+            q.put((target, kwargs))
+        results, failures = [None] * self.world_size, []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._results.get(timeout=self.timeout_s)
+            except queue.Empty:
+                self.broken = True
+                raise TimeoutError(f"{target}: a rank did not answer within {self.timeout_s} s")
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"--- rank {rank} ---\n{value}")
+        if failures:
+            raise AssertionError(f"{target} failed:\n" + "\n".join(failures))
+        return results
+
+    def close(self) -> None:
+        for q in self._tasks:
+            q.put(None)
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
