@@ -107,7 +107,9 @@ def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replica
     plan = layer.token_dispatcher.last_plan
 
     def max_diff(a, b):
-        return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        """Largest difference relative to the reference's magnitude (fp32 sums reorder)."""
+        a, b = np.asarray(a), np.asarray(b)
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0))
 
     return {
         "out": max_diff(result["out"], reference["out"]),
@@ -124,3 +126,75 @@ def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replica
         "micro_rank": micro_rank,
         "stats_before": layer.micro_ep_stats.load_before.tolist(),
     }
+
+
+def plan_check_catches_disagreement(rank, world_size, *, num_experts=8, replicas=2):
+    """Make rank 1's scheduler return a different plan; every rank must raise PlanMismatchError."""
+    import dataclasses
+
+    from micromoe_megatron.dispatcher import PlanMismatchError
+
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
+    spec = use_micro_ep(get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False),
+                        MicroEPConfig(replicas=replicas, check_plans=True))
+    layer = spec.submodules.mlp(config=moe_config(num_experts, 2, world_size), pg_collection=None)
+    x, _ = _inputs(rank, None)
+    layer(x)  # agreeing ranks: the check passes
+    if rank == 1:
+        honest = layer.token_dispatcher.scheduler.plan
+
+        def disagreeing(tokens):
+            plan = honest(tokens)
+            return dataclasses.replace(plan, quota=plan.quota[:, ::-1].copy())
+
+        layer.token_dispatcher.scheduler.plan = disagreeing
+    try:
+        layer(_inputs(rank + world_size, None)[0])  # new counts: the cache cannot answer
+    except PlanMismatchError as exc:
+        return str(exc)
+    return "no error"
+
+
+def overhead_benchmark(rank, world_size, *, num_experts=8, top_k=2, ep=2, replicas=2, steps=20,
+                       tokens_scale=64, hot_expert=None):
+    """Median fwd+bwd ms of the stock layer (EP = ep) and MicroMoELayer (d = replicas), same data,
+    plus per-rank expert compute time (the straggler proxy). Returns this rank's timings."""
+    import time
+
+    def run(layer, slots):
+        _set_weights(layer, slots, hot_expert)
+        x, upstream = _inputs(rank, hot_expert, tokens_scale)
+        expert_ms, layer_ms = [], []
+        started = {}
+        pre = layer.experts.register_forward_pre_hook(lambda m, a: started.__setitem__("t", time.perf_counter()))
+        post = layer.experts.register_forward_hook(
+            lambda m, a, o: expert_ms.append((time.perf_counter() - started["t"]) * 1e3))
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            out, _ = layer(x)
+            (out * upstream).sum().backward()
+            layer_ms.append((time.perf_counter() - start) * 1e3)
+            x.grad = None
+        pre.remove()
+        post.remove()
+        return float(np.median(layer_ms[2:])), float(np.median(expert_ms[2:]))
+
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
+    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep), pg_collection=None)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    stock_ms, stock_expert_ms = run(stock, [ep_rank * (num_experts // ep) + l for l in range(num_experts // ep)])
+    parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep * replicas)
+    layer = use_micro_ep(spec, MicroEPConfig(replicas=replicas)).submodules.mlp(
+        config=moe_config(num_experts, top_k, ep * replicas), pg_collection=None)
+    micro_rank = parallel_state.get_expert_model_parallel_rank()
+    micro_ms, micro_expert_ms = run(layer, layer.placement.phy2log[micro_rank].tolist())
+    stats = layer.micro_ep_stats
+    return {"stock_ms": stock_ms, "micro_ms": micro_ms, "stock_expert_ms": stock_expert_ms,
+            "micro_expert_ms": micro_expert_ms,
+            "schedule_ms": stats.schedule_ms_total / max(stats.steps, 1),
+            "imbalance_before": stats.imbalance_before_total / max(stats.steps, 1),
+            "imbalance_after": stats.imbalance_after_total / max(stats.steps, 1)}
