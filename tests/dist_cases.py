@@ -15,10 +15,10 @@ from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
 HIDDEN, FFN, SEQ, BATCH = 16, 32, 8, 4
 
 
-def moe_config(num_experts: int, top_k: int, ep: int) -> TransformerConfig:
+def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn: int = FFN) -> TransformerConfig:
     return TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
-        num_moe_experts=num_experts, moe_router_topk=top_k, moe_ffn_hidden_size=FFN,
+        num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=4,
+        num_moe_experts=num_experts, moe_router_topk=top_k, moe_ffn_hidden_size=ffn,
         expert_model_parallel_size=ep, use_cpu_initialization=True,
         moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, add_bias_linear=False,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, params_dtype=torch.float32,
@@ -35,18 +35,18 @@ def _set_weights(layer, logical_expert_of_slot, hot_expert: int | None) -> None:
     with torch.no_grad():
         weight = _seeded(layer.router.weight.shape, 7, scale=0.5)
         if hot_expert is not None:
-            weight[hot_expert] = torch.ones(HIDDEN) * 2.0  # aligned with the inputs' common part
+            weight[hot_expert] = torch.ones(weight.shape[1]) * 2.0  # aligned with the inputs' common part
         layer.router.weight.copy_(weight)
         for slot, expert in enumerate(layer.experts.local_experts):
             for i, param in enumerate(expert.parameters()):
                 param.copy_(_seeded(param.shape, 1000 * logical_expert_of_slot[slot] + i))
 
 
-def _inputs(rank: int, hot_expert: int | None, tokens_scale: int = 1):
-    x = _seeded((SEQ * tokens_scale, BATCH, HIDDEN), 100 + rank, scale=1.0)
+def _inputs(rank: int, hot_expert: int | None, tokens_scale: int = 1, hidden: int = HIDDEN):
+    x = _seeded((SEQ * tokens_scale, BATCH, hidden), 100 + rank, scale=1.0)
     if hot_expert is not None:
         x = x + 1.5
-    upstream = _seeded((SEQ * tokens_scale, BATCH, HIDDEN), 200 + rank, scale=1.0)
+    upstream = _seeded((SEQ * tokens_scale, BATCH, hidden), 200 + rank, scale=1.0)
     return x.requires_grad_(True), upstream
 
 
@@ -156,14 +156,14 @@ def plan_check_catches_disagreement(rank, world_size, *, num_experts=8, replicas
 
 
 def overhead_benchmark(rank, world_size, *, num_experts=8, top_k=2, ep=2, replicas=2, steps=20,
-                       tokens_scale=64, hot_expert=None):
+                       tokens_scale=64, hot_expert=None, hidden=HIDDEN, ffn=FFN):
     """Median fwd+bwd ms of the stock layer (EP = ep) and MicroMoELayer (d = replicas), same data,
     plus per-rank expert compute time (the straggler proxy). Returns this rank's timings."""
     import time
 
     def run(layer, slots):
         _set_weights(layer, slots, hot_expert)
-        x, upstream = _inputs(rank, hot_expert, tokens_scale)
+        x, upstream = _inputs(rank, hot_expert, tokens_scale, hidden)
         expert_ms, layer_ms = [], []
         started = {}
         pre = layer.experts.register_forward_pre_hook(lambda m, a: started.__setitem__("t", time.perf_counter()))
@@ -182,14 +182,14 @@ def overhead_benchmark(rank, world_size, *, num_experts=8, top_k=2, ep=2, replic
 
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep), pg_collection=None)
+    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep, hidden, ffn), pg_collection=None)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     stock_ms, stock_expert_ms = run(stock, [ep_rank * (num_experts // ep) + l for l in range(num_experts // ep)])
     parallel_state.destroy_model_parallel()
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep * replicas)
     layer = use_micro_ep(spec, MicroEPConfig(replicas=replicas)).submodules.mlp(
-        config=moe_config(num_experts, top_k, ep * replicas), pg_collection=None)
+        config=moe_config(num_experts, top_k, ep * replicas, hidden, ffn), pg_collection=None)
     micro_rank = parallel_state.get_expert_model_parallel_rank()
     micro_ms, micro_expert_ms = run(layer, layer.placement.phy2log[micro_rank].tolist())
     stats = layer.micro_ep_stats
