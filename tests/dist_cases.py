@@ -15,8 +15,10 @@ from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
 HIDDEN, FFN, SEQ, BATCH = 16, 32, 8, 4
 
 
-def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn: int = FFN) -> TransformerConfig:
-    return TransformerConfig(
+def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn: int = FFN,
+               recompute: bool = False) -> TransformerConfig:
+    recompute_args = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
+    return TransformerConfig(**recompute_args,
         num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=4,
         num_moe_experts=num_experts, moe_router_topk=top_k, moe_ffn_hidden_size=ffn,
         expert_model_parallel_size=ep, use_cpu_initialization=True,
@@ -80,12 +82,12 @@ def _summed_over_ranks(result) -> dict:
 
 
 def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replicas=2, hot_expert=None,
-                      tokens_scale=1, placement="symmetric"):
+                      tokens_scale=1, placement="symmetric", recompute=False):
     """Stock alltoall MoELayer (EP = ep) vs MicroMoELayer (d = replicas) on the same weights/data."""
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep), pg_collection=None)
+    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep, recompute=recompute), pg_collection=None)
     local = num_experts // ep
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     stock_slots = [ep_rank * local + l for l in range(local)]
@@ -97,7 +99,8 @@ def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replica
     micro_size = ep * replicas
     parallel_state.initialize_model_parallel(expert_model_parallel_size=micro_size)
     micro_spec = use_micro_ep(spec, MicroEPConfig(replicas=replicas, placement=placement, check_plans=True))
-    layer = micro_spec.submodules.mlp(config=moe_config(num_experts, top_k, micro_size), pg_collection=None)
+    layer = micro_spec.submodules.mlp(config=moe_config(num_experts, top_k, micro_size, recompute=recompute),
+                                      pg_collection=None)
     assert isinstance(layer, MicroMoELayer)
     micro_rank = parallel_state.get_expert_model_parallel_rank()
     micro_slots = layer.placement.phy2log[micro_rank].tolist()
@@ -125,6 +128,8 @@ def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replica
         "plan_lp": plan.lp_optimum,
         "micro_rank": micro_rank,
         "stats_before": layer.micro_ep_stats.load_before.tolist(),
+        "plans_computed": layer.token_dispatcher.plan_count,
+        "recomputing": layer.moe_layer_recompute,
     }
 
 

@@ -58,3 +58,10 @@ def test_plan_check_fails_loudly_when_a_rank_disagrees(rank_pool):
     messages = rank_pool.run("tests.dist_cases:plan_check_catches_disagreement")
     for message in messages:
         assert "MicroEP plan mismatch at layer" in message and "step 2" in message, message
+
+
+def test_recompute_of_the_moe_layer_reuses_the_plan(rank_pool):
+    results = rank_pool.run("tests.dist_cases:stock_vs_micro_ep", ep=2, replicas=2, recompute=True)
+    assert_equivalent(results)
+    for r in results:
+        assert r["recomputing"] and r["plans_computed"] == 1, r
