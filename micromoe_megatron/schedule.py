@@ -83,7 +83,7 @@ class SchedulePlan:
             "max_load": self.max_load,
             "mean_load": self.mean_load,
             "imbalance": self.imbalance,
-            "lp_optimum": self.lp_optimum,
+            "lp_optimum": None if math.isnan(self.lp_optimum) else self.lp_optimum,
             "load_per_gpu": self.load_per_gpu.tolist(),
             "quota": self.quota.tolist(),
             "routes": self.routes.tolist(),
@@ -239,7 +239,7 @@ class ReplicaScheduler:
             try:
                 x, optimum = self._solve_lp(load)
                 quota = self._integer_quota(x, load, optimum)
-            except (SolverFailure, ValueError, FloatingPointError) as exc:
+            except Exception as exc:  # any solver trouble: a valid plan beats a crashed training step
                 self.fallbacks += 1
                 fallback_reason = str(exc) or type(exc).__name__
                 quota, optimum = self._even_split_quota(load), math.nan

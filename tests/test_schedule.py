@@ -163,7 +163,7 @@ def test_two_processes_produce_byte_identical_plans():
     assert other.stdout.strip() == plan_sequence_digest()
 
 
-@pytest.mark.parametrize("fault", ["raise", "nan", "negative", "wrong_sums", "low_optimum"])
+@pytest.mark.parametrize("fault", ["raise", "highspy_error", "nan", "negative", "wrong_sums", "low_optimum"])
 def test_solver_faults_fall_back_to_a_valid_counted_plan(monkeypatch, fault):
     layout = placement.symmetric(8, 16, 2)
     scheduler = ReplicaScheduler(layout.holders, 8)
@@ -174,6 +174,8 @@ def test_solver_faults_fall_back_to_a_valid_counted_plan(monkeypatch, fault):
         x, t = honest(load)
         if fault == "raise":
             raise SolverFailure("injected")
+        if fault == "highspy_error":
+            raise RuntimeError("injected error inside the solver library")
         if fault == "nan":
             return np.full_like(x, np.nan), t
         if fault == "negative":
@@ -187,6 +189,7 @@ def test_solver_faults_fall_back_to_a_valid_counted_plan(monkeypatch, fault):
     assert plan.fallback and plan.fallback_reason
     assert scheduler.fallbacks == 1
     check_plan(plan, layout.holders, tokens)
+    assert plan.to_json()["lp_optimum"] is None  # no trusted optimum: JSON null, not NaN
 
 
 def test_time_limit_gives_a_fallback_and_the_next_step_recovers():
