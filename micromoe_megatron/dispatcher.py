@@ -106,6 +106,7 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
                                           time_limit_s=micro_ep.solver_time_limit_ms / 1e3)
         self.stats = MicroEPStats()
         self.plan_count = 0
+        self.last_plan: SchedulePlan | None = None
         self._holders = holder_table(placement.holders)                        # [E, D]
         # holder_position[e, g]: index of GPU g among expert e's holders (-1 if it holds none).
         self._holder_position = np.full((placement.num_experts, placement.num_gpus), -1, dtype=np.int64)
