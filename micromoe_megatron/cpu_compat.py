@@ -48,7 +48,7 @@ class _FakeStream:
     """Every fake stream is the same stream: CPU work is already ordered."""
 
     def __init__(self, *args, **kwargs):
-        pass
+        """Accepts torch.cuda.Stream's arguments (device, priority) and ignores them."""
 
     def wait_stream(self, stream):
         return None
