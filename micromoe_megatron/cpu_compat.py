@@ -6,14 +6,19 @@ be switched off alone with ``MICROMOE_CPU_COMPAT_SKIP=P1a,P3`` to re-qualify a n
 A patch whose target has vanished fails loudly instead of silently doing nothing.
 
 Tier "core" (megatron.core-level layers and tests): P1a, P1b, P1c, P2, P3.
+Tier "pretrain" (``megatron.training.pretrain`` and megatron's optimizers) adds P1d, P4, P5, P6,
+P7a/b/c, P9, P10. P8 (torch_dist saves without psutil) is not needed: psutil is a dependency.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _applied: set[str] = set()
 
@@ -126,6 +131,139 @@ def _patch_p3_split_sizes_as_numpy():
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_p1d_device_bookkeeping():
+    # set_device (initialize.py:282) and the training log's memory report.
+    for name in ("set_device", "empty_cache", "reset_peak_memory_stats", "reset_max_memory_allocated"):
+        setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(torch.cuda, name, lambda *args, **kwargs: 0)
+    torch.cuda.memory_stats = lambda *args, **kwargs: {}
+
+
+def _patch_p4_initialize_without_cuda():
+    # initialize.py:66 asserts CUDA unless allow_no_cuda; with 0 devices it also silently skips the
+    # model-parallel groups and the RNG seeding (initialize.py:358/447), so report one device while
+    # initialisation runs, and only then.
+    from megatron.training import initialize, training
+
+    original = _require(initialize, "initialize_megatron")
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        device_count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = device_count
+
+    initialize.initialize_megatron = initialize_megatron
+    training.initialize_megatron = initialize_megatron
+
+
+def _patch_p5_prebuilt_dataset_helpers():
+    # The wheel ships helpers_cpp prebuilt but no Makefile, so `make` at start-up fails (a packaging
+    # bug, GPU users of the wheel hit it too): skip the build when the helper imports.
+    from megatron.core.datasets import utils
+
+    original = _require(utils, "compile_helpers")
+
+    def compile_helpers():
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            original()
+
+    utils.compile_helpers = compile_helpers
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _patch_p6_rng_warning():
+    # Under P2 the "CUDA" and CPU generators are one object, so every dropout warns.
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        _DropMessage("CPU RNG state changed within GPU RNG context"))
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """P7: ~40 megatron sites hard-code device='cuda' and check 'torch.cuda.*Tensor' types.
+
+    P7a rewrites device= and pin_memory=, P7b makes .cuda()/.pin_memory()/.to('cuda')/
+    record_stream CPU no-ops, P7c reports CPU tensors' .type() as torch.cuda.*; each can be skipped.
+    """
+
+    def __init__(self, parts: set[str]):
+        super().__init__()
+        self.parts = parts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "P7a" in self.parts:
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+        if "P7b" in self.parts:
+            if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+                return args[0]
+            if func is torch.Tensor.record_stream:
+                return None
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+        if "P7c" in self.parts and func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+        return func(*args, **kwargs)
+
+
+def _patch_p7_cuda_to_cpu_mode():
+    parts = {"P7a", "P7b", "P7c"} - _skipped()
+    CudaToCpuMode(parts).__enter__()  # process-wide, never exited
+
+
+def _patch_p9_dist_opt_dummy_state():
+    # distrib_optimizer.py:1532 reads state_dict() before its own dummy-state init (:1643); torch
+    # AdamW (no Apex/TE) has no state after a restart, so `assert len(steps) == 1` fails.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = _require(DistributedOptimizer, "sharded_state_dict")
+    _require(DistributedOptimizer, "_init_optimizer_states_with_dummy_values")
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+
+
+def _patch_p10_dist_opt_load_no_grad():
+    # distrib_optimizer.py:1225 copies into fp32 main params that are views of leaf params.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = _require(DistributedOptimizer, "_set_main_param_and_optimizer_states")
+    DistributedOptimizer._set_main_param_and_optimizer_states = torch.no_grad()(original)
+
+
 def _require(module, name: str):
     if not hasattr(module, name):
         raise RuntimeError(f"cpu_compat: {module.__name__}.{name} no longer exists; this megatron-core "
@@ -142,12 +280,31 @@ _CORE_PATCHES = {
 }
 
 
-def apply() -> list[str]:
-    """Apply the core-tier patches once per process when CUDA is absent; returns the ids applied."""
+_PRETRAIN_PATCHES = {
+    **_CORE_PATCHES,
+    "P1d": _patch_p1d_device_bookkeeping,
+    "P4": _patch_p4_initialize_without_cuda,
+    "P5": _patch_p5_prebuilt_dataset_helpers,
+    "P6": _patch_p6_rng_warning,
+    "P7": _patch_p7_cuda_to_cpu_mode,
+    "P9": _patch_p9_dist_opt_dummy_state,
+    "P10": _patch_p10_dist_opt_load_no_grad,
+}
+
+TIERS = {"core": _CORE_PATCHES, "pretrain": _PRETRAIN_PATCHES}
+
+
+def apply(tier: str = "core") -> list[str]:
+    """Apply a tier's patches once per process when CUDA is absent; returns the ids applied.
+
+    Call it before megatron builds anything (the launcher calls it first thing).
+    """
+    if tier not in TIERS:
+        raise ValueError(f"cpu_compat tier must be one of {sorted(TIERS)}, got {tier!r}")
     if not needed():
         return []
     skipped = _skipped()
-    for patch_id, patch in _CORE_PATCHES.items():
+    for patch_id, patch in TIERS[tier].items():
         if patch_id not in skipped and patch_id not in _applied:
             patch()
             _applied.add(patch_id)

@@ -15,9 +15,11 @@ from megatron.core import utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from .checkpoint import LogicalExpertMap, logical_expert_state_dict
 from .config import LayoutError, MicroEPConfig
 from .dispatcher import MicroEPDispatcher
 from .placement import make_placement
+from .replicas import SlotPeers
 
 
 class MicroMoELayer(MoELayer):
@@ -61,6 +63,16 @@ class MicroMoELayer(MoELayer):
     @property
     def micro_ep_stats(self):
         return self.token_dispatcher.stats
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron's sharded state dict with expert slots saved as logical experts (checkpoint.py)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        mapping = LogicalExpertMap(
+            expert_axis=len(sharded_offsets), num_slots=self.num_local_experts,
+            peers=SlotPeers.from_placement(self.placement, self.token_dispatcher.ep_rank),
+            num_logical=self.logical_config.num_moe_experts, replicas=self.micro_ep.replicas)
+        singleton = bool((metadata or {}).get("singleton_local_shards", False))
+        return logical_expert_state_dict(state, f"{prefix}experts.", mapping, singleton)
 
 
 def _build_router(router_builder, logical_config, *, config, pg_collection, **kwargs):

@@ -34,7 +34,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     from micromoe_megatron import cpu_compat
 
     torch.set_num_threads(1)
-    cpu_compat.apply()
+    cpu_compat.apply("pretrain")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron.core import parallel_state
 

@@ -1,0 +1,168 @@
+"""Rank functions that train a tiny GPT-MoE with Megatron DDP, Megatron's optimizer and schedules,
+once with stock EP and once with MicroEP, on identical weights and data (see test_replicas.py)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from micromoe_megatron.config import MicroEPConfig
+from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
+from micromoe_megatron.replicas import ReplicaSync, check_replicas, replica_layers
+
+VOCAB, SEQ, MICRO_BATCH, NUM_EXPERTS, EP = 128, 16, 2, 8, 2
+
+
+def _config(ep_size: int) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2, moe_ffn_hidden_size=64, expert_model_parallel_size=ep_size,
+        use_cpu_initialization=True, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        add_bias_linear=False, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False)
+
+
+def _seeded(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def _logical_slots(module) -> list[int]:
+    ep_rank = module.token_dispatcher.ep_rank
+    if isinstance(module, MicroMoELayer):
+        return [int(e) for e in module.placement.phy2log[ep_rank]]
+    return [ep_rank * module.num_local_experts + j for j in range(module.num_local_experts)]
+
+
+@torch.no_grad()
+def _set_weights(model) -> None:
+    """Every parameter from a seed of its logical identity: name, or (layer, logical expert, index)."""
+    for param_name, param in model.named_parameters():
+        if "experts" not in param_name:
+            param.copy_(torch.ones_like(param) if "norm" in param_name
+                        else _seeded(param.shape, zlib.crc32(param_name.encode())))
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for slot, logical in enumerate(_logical_slots(module)):
+                for i, param in enumerate(module.experts.local_experts[slot].parameters()):
+                    param.copy_(_seeded(param.shape, zlib.crc32(f"{name}/{logical}/{i}".encode())))
+
+
+def _batches(rank: int, step: int, num_microbatches: int):
+    """A learnable bigram x[i+1] = (5 x[i] + 3) mod VOCAB, different per rank, step and micro-batch."""
+    for micro in range(num_microbatches):
+        gen = torch.Generator().manual_seed(10_000 * rank + 100 * step + micro)
+        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
+        seq = [start]
+        for _ in range(SEQ):
+            seq.append((5 * seq[-1] + 3) % VOCAB)
+        seq = torch.cat(seq, dim=1)
+        yield seq[:, :-1], seq[:, 1:]
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+    output = model(tokens, positions, mask, labels=labels)
+
+    def loss_func(losses):
+        loss = losses.float().mean()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _logical_expert_weights(model) -> dict:
+    """{(layer name, logical expert): flat weights} for the slots this rank holds."""
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for slot, logical in enumerate(_logical_slots(module)):
+                flat = torch.cat([p.detach().reshape(-1) for p in module.experts.local_experts[slot].parameters()])
+                weights[f"{name}/{logical}"] = flat.numpy().copy()
+    return weights
+
+
+def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches: int = 1, clip_grad: float = 0.0,
+          overlap_grad_reduce: bool = False, distributed_optimizer: bool = False, check_every: int = 0):
+    """Train ``steps`` iterations; returns losses, grad norms and the logical expert weights held here.
+
+    ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron EP = 2 d).
+    """
+    ep_size = EP * max(micro_ep, 1)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep_size)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    config = _config(ep_size)
+    spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
+    if micro_ep:
+        spec = use_micro_ep(spec, MicroEPConfig(replicas=micro_ep))
+    model = GPTModel(config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+    _set_weights(model)
+    sync = ReplicaSync(check_every=check_every)
+    if micro_ep:
+        sync.attach([model])
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=distributed_optimizer, bucket_size=4096), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=3e-3, clip_grad=clip_grad, use_distributed_optimizer=distributed_optimizer,
+        bf16=False, fp16=False), [ddp])
+    config.finalize_model_grads_func = sync if micro_ep else finalize_model_grads
+    if overlap_grad_reduce:
+        config.no_sync_func = ddp.no_sync
+    forward_backward = get_forward_backward_func()
+    losses, grad_norms = [], []
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        per_micro = forward_backward(forward_step_func=_forward_step, data_iterator=_batches(rank, step, num_microbatches),
+                                     model=[ddp], num_microbatches=num_microbatches, seq_length=SEQ,
+                                     micro_batch_size=MICRO_BATCH, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        assert ok
+        loss = torch.stack([m["lm loss"] for m in per_micro]).mean()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world_size)
+        grad_norms.append(float(grad_norm))
+    if micro_ep:
+        check_replicas(replica_layers([model]))
+    return {"losses": losses, "grad_norms": grad_norms, "experts": _logical_expert_weights(model),
+            "shared": sorted(n for n, p in model.named_parameters() if getattr(p, "shared", False)
+                             and "experts" in n)}
+
+
+def replicas_diverge_detected(rank, world_size, *, micro_ep: int = 2):
+    """Build a MicroEP model with per-rank random init: the guard must fail before broadcast, pass after."""
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=EP * micro_ep)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234 + rank)  # a different init on every rank: replicas differ
+    model = GPTModel(_config(EP * micro_ep), vocab_size=VOCAB, max_sequence_length=SEQ,
+                     transformer_layer_spec=use_micro_ep(
+                         get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False),
+                         MicroEPConfig(replicas=micro_ep)))
+    layers = replica_layers([model])
+    with torch.no_grad():
+        for params in layers[0].slots:
+            for p in params:
+                p.normal_()
+    try:
+        check_replicas(layers, step=7)
+        before = "no error"
+    except RuntimeError as error:
+        before = str(error)
+    ReplicaSync().attach([model])
+    check_replicas(layers)
+    return before
