@@ -8,11 +8,13 @@ rank's traceback. After each call the ranks tear down Megatron's model-parallel 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import queue
 import socket
 import sys
 import traceback
+import warnings
 
 import torch.multiprocessing as mp
 
@@ -34,12 +36,20 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     from micromoe_megatron import cpu_compat
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)  # Megatron's INFO lines (buckets, configs) drown the test output
+    warnings.simplefilter("ignore", FutureWarning)  # torch/megatron deprecation notices, not ours
     cpu_compat.apply("pretrain")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron.core import parallel_state
 
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test session died without closing the pool
+                break
+            continue
         if task is None:
             break
         target, kwargs = task
@@ -58,12 +68,14 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 class RankPool:
     def __init__(self, world_size: int = 4, timeout_s: float = 600.0):
         self.world_size, self.timeout_s = world_size, timeout_s
+        # Not daemonic: Megatron's checkpoint writer starts helper processes. Workers exit on
+        # close() or when they notice their parent is gone.
         context = mp.get_context("spawn")
         self._tasks = [context.Queue() for _ in range(world_size)]
         self._results = context.Queue()
         port = _free_port()
         self._procs = [context.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results),
-                                       daemon=True) for r in range(world_size)]
+                                       daemon=False) for r in range(world_size)]
         for proc in self._procs:
             proc.start()
         self.broken = False
@@ -75,11 +87,14 @@ class RankPool:
             q.put((target, kwargs))
         results, failures = [None] * self.world_size, []
         for _ in range(self.world_size):
+            # Once a rank has failed, the others may be stuck in a collective: report it soon.
+            timeout = 20.0 if failures else self.timeout_s
             try:
-                rank, ok, value = self._results.get(timeout=self.timeout_s)
+                rank, ok, value = self._results.get(timeout=timeout)
             except queue.Empty:
                 self.broken = True
-                raise TimeoutError(f"{target}: a rank did not answer within {self.timeout_s} s")
+                detail = "\n".join(failures)
+                raise TimeoutError(f"{target}: a rank did not answer within {timeout} s\n{detail}")
             if ok:
                 results[rank] = value
             else:

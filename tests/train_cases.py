@@ -96,11 +96,39 @@ def _logical_expert_weights(model) -> dict:
     return weights
 
 
-def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches: int = 1, clip_grad: float = 0.0,
-          overlap_grad_reduce: bool = False, distributed_optimizer: bool = False, check_every: int = 0):
-    """Train ``steps`` iterations; returns losses, grad norms and the logical expert weights held here.
+def _checkpoint_state(model, optimizer, is_loading: bool) -> dict:
+    """What Megatron's training checkpoint holds, minus the bookkeeping: model and optimizer."""
+    model_state = model.sharded_state_dict()
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict({"model": model_state}, is_loading=is_loading)}
 
-    ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron EP = 2 d).
+
+def _save(model, optimizer, directory: str) -> None:
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_checkpoint_state(model, optimizer, is_loading=False), directory)
+
+
+def _load(model, optimizer, directory: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_checkpoint_state(model, optimizer, is_loading=True), directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches: int = 1, clip_grad: float = 0.0,
+          overlap_grad_reduce: bool = False, distributed_optimizer: bool = False, check_every: int = 0,
+          sync: bool = True, placement: str = "symmetric", placement_seed: int = 0, first_step: int = 0,
+          save_dir: str | None = None, save_after: int | None = None, load_dir: str | None = None):
+    """Train steps ``first_step .. steps-1``; returns losses, grad norms and the logical expert weights
+    held here. ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron
+    EP = 2 d). ``sync=False`` leaves out the replica machinery (a negative control). ``save_dir`` /
+    ``save_after``: write a distributed checkpoint after that many steps; ``load_dir``: start from one.
     """
     ep_size = EP * max(micro_ep, 1)
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep_size)
@@ -108,24 +136,27 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
     config = _config(ep_size)
     spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if micro_ep:
-        spec = use_micro_ep(spec, MicroEPConfig(replicas=micro_ep))
+        spec = use_micro_ep(spec, MicroEPConfig(replicas=micro_ep, placement=placement,
+                                                placement_seed=placement_seed))
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ)
     _set_weights(model)
-    sync = ReplicaSync(check_every=check_every)
-    if micro_ep:
-        sync.attach([model])
+    replica_sync = ReplicaSync(check_every=check_every)
+    if micro_ep and sync:
+        replica_sync.attach([model])
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer, bucket_size=4096), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=3e-3, clip_grad=clip_grad, use_distributed_optimizer=distributed_optimizer,
         bf16=False, fp16=False), [ddp])
-    config.finalize_model_grads_func = sync if micro_ep else finalize_model_grads
+    config.finalize_model_grads_func = replica_sync if micro_ep and sync else finalize_model_grads
+    if load_dir:
+        _load(model, optimizer, load_dir)
     if overlap_grad_reduce:
         config.no_sync_func = ddp.no_sync
     forward_backward = get_forward_backward_func()
     losses, grad_norms = [], []
-    for step in range(steps):
+    for step in range(first_step, steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         per_micro = forward_backward(forward_step_func=_forward_step, data_iterator=_batches(rank, step, num_microbatches),
@@ -137,9 +168,18 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
         dist.all_reduce(loss)
         losses.append(loss.item() / world_size)
         grad_norms.append(float(grad_norm))
-    if micro_ep:
+        if save_dir and step + 1 == save_after:
+            _save(model, optimizer, save_dir)
+    replicas_identical = True
+    if micro_ep and sync:
         check_replicas(replica_layers([model]))
+    elif micro_ep:
+        try:
+            check_replicas(replica_layers([model]))
+        except RuntimeError:
+            replicas_identical = False
     return {"losses": losses, "grad_norms": grad_norms, "experts": _logical_expert_weights(model),
+            "replicas_identical": replicas_identical,
             "shared": sorted(n for n, p in model.named_parameters() if getattr(p, "shared", False)
                              and "experts" in n)}
 
