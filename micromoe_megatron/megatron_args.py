@@ -38,6 +38,9 @@ def add_micro_ep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="debug: check every plan is identical on all ranks of the MicroEP group")
     group.add_argument("--micro-ep-check-replicas-interval", type=int, default=100, metavar="N",
                        help="verify every N steps that expert replicas are bit-identical (0 = never)")
+    group.add_argument("--micro-ep-metrics-file", default=None, metavar="PATH",
+                       help="also append each log interval's MicroEP metrics (per layer, per-GPU loads) "
+                            "to this JSON-lines file")
     return parser
 
 

@@ -3,19 +3,20 @@
 Every holder of logical expert ``e`` keeps it in the same slot index ``j`` (placement rule), so
 slot ``j`` of every holder has the same parameter shapes and the same offsets in Megatron's expert
 grad buffer, also on the distributed optimizer's reduce-scattered shards (holders of one MicroEP
-group share their expert-data-parallel rank). Three operations follow from one exchange:
+group share their expert-data-parallel rank). Three operations:
 
-* ``broadcast_replicas``: after construction, every holder takes the canonical holder's weights
-  (canonical = lowest MicroEP rank among the holders).
+* ``broadcast_replicas``: after construction, every holder of logical expert ``e`` takes the
+  weights vanilla EP would have initialised ``e`` with, so replicas start identical and a MicroEP
+  run starts exactly where a stock run does.
 * ``sum_replica_grads``: after Megatron's expert-DP reduction, each holder's gradient becomes the
   sum over all holders, added in ascending holder rank so every holder gets identical bits.
 * ``check_replicas``: every holder compares its weights with the others' and fails loudly.
 
-The exchange is one ``all_to_all_single`` per MoE layer over the MicroEP (= Megatron EP) group:
-rank ``f`` sends slot ``j`` to every other holder of ``phy2log[f, j]`` and receives theirs, so
-each rank moves ``(d - 1)`` copies of its expert tensors, the least any exact scheme moves.
-Canonical holders' parameters count once in grad norm and clipping; the others carry Megatron's
-``shared = True`` mark, which its optimizers already skip when counting.
+Each is one ``all_to_all_single`` per MoE layer over the MicroEP (= Megatron EP) group; for the
+gradient sum, rank ``f`` sends slot ``j`` to every other holder of ``phy2log[f, j]`` and receives
+theirs, ``(d - 1)`` copies of its expert tensors, the least any exact scheme moves. Canonical
+holders (lowest MicroEP rank among an expert's holders) count in grad norm and clipping; the
+others carry Megatron's ``shared = True`` mark, which its optimizers already skip when counting.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class ReplicaLayer:
     peers: SlotPeers
     slots: list[list[torch.nn.Parameter]]
     group: object
+    phy2log: np.ndarray  # [F, L], the layer's placement
 
     @property
     def replicated(self) -> bool:
@@ -147,7 +149,7 @@ def replica_layers(model_chunks) -> list[ReplicaLayer]:
                 group = module.token_dispatcher.ep_group
                 peers = SlotPeers.from_placement(module.placement, dist.get_rank(group))
                 layers.append(ReplicaLayer(name, peers, slot_parameters(module.experts, module.num_local_experts),
-                                           group))
+                                           group, np.asarray(module.placement.phy2log)))
     return layers
 
 
@@ -160,17 +162,54 @@ def mark_replicas_shared(layers: list[ReplicaLayer]) -> None:
                 p.shared = not layer.peers.is_canonical(j)
 
 
+def _fetch(tensors_per_slot: list[torch.Tensor], phy2log: np.ndarray, source_of, rank: int, group) -> list[torch.Tensor]:
+    """Every rank's slot j receives slot ``source_of(e)[1]`` of rank ``source_of(e)[0]``, e = phy2log[rank, j].
+
+    Args:
+        tensors_per_slot: [L] flat tensors of this rank (all slots the same size).
+        phy2log: [F, L] placement (identical on every rank).
+        source_of: logical expert -> (MicroEP rank, slot) to copy from.
+    Returns:
+        [L] tensors for this rank's slots.
+    """
+    num_gpus, num_slots = phy2log.shape
+    wants = [[source_of(int(phy2log[g, j])) for j in range(num_slots)] for g in range(num_gpus)]
+    send = [[slot for src, slot in wants[g] if src == rank] for g in range(num_gpus)]
+    size = tensors_per_slot[0].numel()
+    send_splits = [len(slots) * size for slots in send]
+    recv_splits = [sum(src == r for src, _ in wants[rank]) * size for r in range(num_gpus)]
+    reference = tensors_per_slot[0]
+    payload = torch.cat([tensors_per_slot[slot] for slots in send for slot in slots]) if sum(send_splits) \
+        else reference.new_empty(0)
+    received = reference.new_empty(sum(recv_splits))
+    dist.all_to_all_single(received, payload, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                           group=group)
+    by_rank = [list(chunk.split(size)) if chunk.numel() else [] for chunk in received.split(recv_splits)]
+    return [by_rank[src].pop(0) for src, _ in wants[rank]]
+
+
+def vanilla_source(num_slots: int):
+    """Where vanilla EP initialises logical expert e: slot ``e % L`` of EP rank ``e // L``.
+
+    MicroEP rank ``e // L`` (< EP) has the same expert RNG stream as vanilla EP rank ``e // L``
+    (Megatron seeds it by EP rank), and with ``--use-cpu-initialization`` every rank draws the same
+    per-slot values, so copying from there starts MicroEP from exactly vanilla EP's weights.
+    """
+    return lambda expert: (expert // num_slots, expert % num_slots)
+
+
 @torch.no_grad()
 def broadcast_replicas(layers: list[ReplicaLayer]) -> None:
-    """Every holder takes the canonical holder's weights."""
+    """Give every slot the weights vanilla EP would have initialised its logical expert with.
+
+    All holders receive the same tensor, so replicas start identical (the requirement); starting
+    from vanilla EP's values also makes a MicroEP run reproduce a stock run from step 1.
+    """
     for layer in layers:
-        if not layer.replicated:
-            continue
-        copies = _exchange([_flat([p.data for p in params]) for params in layer.slots], layer.peers, layer.group)
-        for j, params in enumerate(layer.slots):
-            canonical = layer.peers.holders[j][0]
-            if canonical != layer.peers.rank:
-                _unflatten_into(copies[j][canonical], [p.data for p in params])
+        slots = [_flat([p.data for p in params]) for params in layer.slots]
+        fetched = _fetch(slots, layer.phy2log, vanilla_source(len(layer.slots)), layer.peers.rank, layer.group)
+        for params, values in zip(layer.slots, fetched):
+            _unflatten_into(values, [p.data for p in params])
 
 
 def _grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
@@ -238,13 +277,15 @@ class ReplicaSync:
     Args:
         check_every: verify replicas are bit-identical every this many steps (0 = never).
         finalize: the finalize function to run first (Megatron's ``finalize_model_grads``).
+        after_step: callables ``f(model_chunks)`` run at the end of every step's hook (e.g. metrics).
     """
 
-    def __init__(self, check_every: int = 0, finalize=None):
+    def __init__(self, check_every: int = 0, finalize=None, after_step=()):
         if finalize is None:
             from megatron.core.distributed import finalize_model_grads as finalize
         self.check_every = check_every
         self.finalize = finalize
+        self.after_step = list(after_step)
         self.steps = 0
         self._layers: list[ReplicaLayer] | None = None
 
@@ -268,3 +309,5 @@ class ReplicaSync:
         self.steps += 1
         if self.check_every and self.steps % self.check_every == 0:
             check_replicas(layers, step=self.steps)
+        for callback in self.after_step:
+            callback(model)
