@@ -7,7 +7,8 @@ A patch whose target has vanished fails loudly instead of silently doing nothing
 
 Tier "core" (megatron.core-level layers and tests): P1a, P1b, P1c, P2, P3.
 Tier "pretrain" (``megatron.training.pretrain`` and megatron's optimizers) adds P1d, P4, P5, P6,
-P7a/b/c, P9, P10. P8 (torch_dist saves without psutil) is not needed: psutil is a dependency.
+P7a/b/c. P8 (torch_dist saves without psutil) is not needed: psutil is a dependency. P9/P10 of the
+notes are Megatron bugs on the no-Apex/TE optimizer path, not CPU shims: see megatron_fixes.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import logging
 import os
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -138,6 +140,10 @@ def _patch_p1d_device_bookkeeping():
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(torch.cuda, name, lambda *args, **kwargs: 0)
     torch.cuda.memory_stats = lambda *args, **kwargs: {}
+    # validate_args asks for the architecture when TP/CP > 1 (arguments.py:1414).
+    properties = types.SimpleNamespace(name="cpu", major=0, minor=0, total_memory=0, multi_processor_count=1)
+    torch.cuda.get_device_properties = lambda *args, **kwargs: properties
+    torch.cuda.get_device_capability = lambda *args, **kwargs: (0, 0)
 
 
 def _patch_p4_initialize_without_cuda():
@@ -239,31 +245,6 @@ def _patch_p7_cuda_to_cpu_mode():
     CudaToCpuMode(parts).__enter__()  # process-wide, never exited
 
 
-def _patch_p9_dist_opt_dummy_state():
-    # distrib_optimizer.py:1532 reads state_dict() before its own dummy-state init (:1643); torch
-    # AdamW (no Apex/TE) has no state after a restart, so `assert len(steps) == 1` fails.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = _require(DistributedOptimizer, "sharded_state_dict")
-    _require(DistributedOptimizer, "_init_optimizer_states_with_dummy_values")
-
-    @functools.wraps(original)
-    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
-        if is_loading and not self.optimizer.state:
-            self._init_optimizer_states_with_dummy_values()
-        return original(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
-
-    DistributedOptimizer.sharded_state_dict = sharded_state_dict
-
-
-def _patch_p10_dist_opt_load_no_grad():
-    # distrib_optimizer.py:1225 copies into fp32 main params that are views of leaf params.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = _require(DistributedOptimizer, "_set_main_param_and_optimizer_states")
-    DistributedOptimizer._set_main_param_and_optimizer_states = torch.no_grad()(original)
-
-
 def _require(module, name: str):
     if not hasattr(module, name):
         raise RuntimeError(f"cpu_compat: {module.__name__}.{name} no longer exists; this megatron-core "
@@ -287,8 +268,6 @@ _PRETRAIN_PATCHES = {
     "P5": _patch_p5_prebuilt_dataset_helpers,
     "P6": _patch_p6_rng_warning,
     "P7": _patch_p7_cuda_to_cpu_mode,
-    "P9": _patch_p9_dist_opt_dummy_state,
-    "P10": _patch_p10_dist_opt_load_no_grad,
 }
 
 TIERS = {"core": _CORE_PATCHES, "pretrain": _PRETRAIN_PATCHES}

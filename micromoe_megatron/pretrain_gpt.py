@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from . import cpu_compat
+from . import cpu_compat, megatron_fixes
 
 
 def adapt_to_cpu(args) -> list[str]:
@@ -38,6 +38,8 @@ def adapt_to_cpu(args) -> list[str]:
                "masked_softmax_fusion": False, "bias_gelu_fusion": False, "bias_swiglu_fusion": False,
                "bias_dropout_fusion": False, "apply_rope_fusion": False, "no_persist_layer_norm": True,
                "moe_permute_fusion": False, "moe_router_fusion": False, "transformer_impl": "local"}
+    # Megatron asserts this for TP/CP > 1 (a CUDA stream setting); it means nothing on CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     done = []
     for name, value in changes.items():
         if hasattr(args, name) and getattr(args, name) != value:
@@ -226,6 +228,7 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
 
 def main(argv=None) -> None:
     cpu_compat.apply("pretrain")
+    megatron_fixes.apply()
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from megatron.core.enums import ModelType
