@@ -145,6 +145,23 @@ def cmd_bench(args) -> None:
     print(json.dumps(result) if args.json else text(result))
 
 
+def cmd_report(args) -> None:
+    from . import training_report
+
+    try:
+        records = training_report.read_records(args.metrics)
+        summary = training_report.summarise(records)
+        plot = training_report.plot_last_loads(records, args.plot, args.layer) if args.plot else None
+    except training_report.ReportError as exc:
+        raise InputError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({**summary, "plot": str(plot) if plot else None}))
+        return
+    print(training_report.format_report(summary))
+    if plot:
+        print(f"  per-GPU load plot: {plot}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="micromoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per configuration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("report", help="summarise a training run's --micro-ep-metrics-file, plot per-GPU load")
+    p.add_argument("metrics", help="the JSON-lines file written with --micro-ep-metrics-file")
+    p.add_argument("--plot", help="write a PNG of per-GPU load before/after (last report) here")
+    p.add_argument("--layer", type=int, help="layer to plot (default: the first MoE layer recorded)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_report)
     return parser
 
 
