@@ -35,7 +35,8 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     ax.set_ylabel("tokens")
     ax.set_xticks(gpus)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.3 * max(vanilla.max(), micro_ep.max(), 1.0))  # room for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,21 @@ def parse_arguments(argv=None):
     return args, micro_ep, cpu_changes
 
 
+def print_help() -> None:
+    """The plugin's flags. (megatron-core 0.19.2's own --help crashes on a '%' in one of its help
+    strings, --moe-paged-stash-buffer-size-factor-cuda, so it is not chained.)"""
+    import argparse
+
+    from .megatron_args import add_micro_ep_args
+
+    parser = argparse.ArgumentParser(prog="torchrun ... scripts/pretrain_gpt.py",
+                                     usage="%(prog)s <Megatron arguments> [--micro-ep D ...]",
+                                     description="GPT pretraining with Megatron's training loop; every Megatron "
+                                                 "argument is accepted. MicroEP flags:")
+    print(add_micro_ep_args(parser).format_help())
+    raise SystemExit(0)
+
+
 # ---------------------------------------------------------------- data, loss, forward step
 
 
@@ -227,6 +242,8 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
 
 
 def main(argv=None) -> None:
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        print_help()
     cpu_compat.apply("pretrain")
     megatron_fixes.apply()
     if not torch.cuda.is_available():

@@ -13,7 +13,7 @@ set +e
 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore MASTER_PORT=${MASTER_PORT:-29517} \
   "$repo/scripts/train_single_node.sh" "$repo/configs/tiny-cpu.yaml" \
   --micro-ep-metrics-file "$out/micro_ep_metrics.jsonl" "$@" 2>&1 | tee "$out/train.log" \
-  | grep --line-buffered -E "iteration +[0-9]+/|MicroEP|error|Error"
+  | grep --line-buffered -E "iteration +[0-9]+/|^ MicroEP|^pretrain_gpt|Error|Traceback"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ]; then echo "demo: training failed (exit $status); see $out/train.log" >&2; exit "$status"; fi

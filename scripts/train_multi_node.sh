@@ -6,7 +6,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 config=${1:?usage: NODE_RANK=n MASTER_ADDR=host $0 CONFIG [--no-micro-ep] [Megatron args...]}; shift
-: "${NODE_RANK:?set NODE_RANK (0 .. nnodes-1) on every node}" "${MASTER_ADDR:?set MASTER_ADDR to node 0's address}"
+: "${NODE_RANK:?set NODE_RANK (0 .. nnodes-1) on every node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 py=${PYTHON:-$([ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3)}
 mode=(); if [ "${1:-}" = "--no-micro-ep" ]; then mode=(--no-micro-ep); shift; fi
 nproc=$("$py" -m micromoe_megatron.launch_config "$config" --field nproc_per_node)
