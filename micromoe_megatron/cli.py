@@ -1,4 +1,4 @@
-"""The ``micromoe`` command: schedule an instance, show a placement, run benchmarks.
+"""The ``micromoe`` command: schedule, placement, bench, analyze, simulate, report.
 
 Errors in the input exit with status 2 and one line naming the offending field or flag.
 """
@@ -134,8 +134,85 @@ def cmd_placement(args) -> None:
         print("Eq. 3 bound: exact enumeration only for <= 16 GPUs")
 
 
+def _progress(args):
+    return None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _model(name: str):
+    from .sim.paper import PAPER_MODELS
+
+    for shape in PAPER_MODELS:
+        if shape.name.lower().replace(" ", "-") == name.lower().replace(" ", "-"):
+            return shape
+    choices = ", ".join(m.name.replace(" ", "-") for m in PAPER_MODELS)
+    raise InputError(f"--model {name!r}: choose one of {choices}")
+
+
+def _cost(args, shape):
+    from .sim.cost import CostModel, calibrate_gemm
+
+    return calibrate_gemm(shape) if args.calibrate else CostModel()
+
+
+def cmd_analyze(args) -> None:
+    from .sim import analyze as analysis
+    from .sim.counts import TraceError, read_routing
+
+    try:
+        counts = read_routing(args.trace, args.experts)
+        result = analysis.analyze(counts, args.ep, args.micro_ep, args.placement, args.seed, args.gpus_per_node,
+                                  progress=_progress(args))
+        plots = analysis.write_plots(result, args.plot_dir, args.plot_layer, args.plot_step) if args.plot_dir else []
+    except TraceError as exc:
+        raise InputError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({**analysis.public_json(result), "plots": [str(p) for p in plots]}))
+        return
+    print(analysis.format_analysis(result))
+    for path in plots:
+        print(f"plot: {path}")
+
+
+def cmd_simulate(args) -> None:
+    import dataclasses
+
+    from .sim.counts import TraceError, read_routing, synthetic_counts
+    from .sim.simulate import format_results, simulate
+
+    shape = _model(args.model)
+    shape = dataclasses.replace(shape, ep=args.ep or shape.ep, micro_ep=args.micro_ep or shape.micro_ep)
+    try:
+        if args.input:
+            counts = read_routing(args.input, args.experts)
+            shape = dataclasses.replace(shape, num_experts=counts.num_experts)
+        else:
+            counts = synthetic_counts(args.synthetic, args.skew, shape.dp, shape.num_experts,
+                                      shape.tokens_per_gpu * shape.top_k, args.micro_batches,
+                                      variability=args.variability, seed=args.seed)
+        cost = _cost(args, shape)
+        results = simulate(counts, shape, cost, history_fraction=args.history_fraction, seed=args.seed,
+                           progress=_progress(args))
+    except (TraceError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"model": shape.name, "cost_model": cost.describe(),
+                          "results": [r.to_json() for r in results]}))
+        return
+    print("\n".join(cost.describe()))
+    print(f"model {shape.name}: {shape.num_layers} layers, PP {shape.pp}, EP {shape.ep}, MicroEP d = {shape.micro_ep}, "
+          f"{shape.micro_batches_per_step} micro-batches per step")
+    print(format_results(results))
+
+
 def cmd_bench(args) -> None:
-    progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    progress = _progress(args)
+    if args.what == "paper":
+        from .sim.paper import PAPER_MODELS, bench_paper, format_paper
+
+        cost = _cost(args, PAPER_MODELS[0])
+        result = bench_paper(micro_batches=args.steps, variability=args.variability, cost=cost, progress=progress)
+        print(json.dumps(result) if args.json else format_paper(result))
+        return
     if args.what == "schedule":
         result = bench.bench_schedule(steps=args.steps, progress=progress)
         text = bench.format_schedule
@@ -182,11 +259,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_placement)
 
-    p = sub.add_parser("bench", help="benchmarks of the planning core")
-    p.add_argument("what", choices=["schedule", "balance"])
-    p.add_argument("--steps", type=int, default=None, help="steps per configuration")
+    p = sub.add_parser("bench", help="benchmarks: planning core (schedule, balance), paper models (paper)")
+    p.add_argument("what", choices=["schedule", "balance", "paper"])
+    p.add_argument("--steps", type=int, default=None, help="steps (micro-batches) per configuration")
+    p.add_argument("--variability", type=float, default=0.3,
+                   help="paper: share of each micro-batch's expert popularity redrawn (0..1)")
+    p.add_argument("--calibrate", action="store_true", help="paper: measure GEMM throughput on this machine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("analyze", help="GPU max/mean per layer and micro-batch, vanilla EP vs MicroEP, "
+                                       "from Megatron routing traces or a counts file")
+    p.add_argument("trace", help="--moe-routing-trace-path directory, or a counts .json/.npz (see README)")
+    p.add_argument("--experts", type=int, help="E, experts per layer (required for trace directories)")
+    p.add_argument("--ep", type=int, required=True, help="vanilla expert-parallel size")
+    p.add_argument("--micro-ep", type=int, required=True, help="d, EP groups merged into a MicroEP group")
+    p.add_argument("--placement", default="symmetric", help="symmetric | random")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random placement")
+    p.add_argument("--gpus-per-node", type=int, help="for same-node-first routing")
+    p.add_argument("--plot-dir", help="write PNG plots here")
+    p.add_argument("--plot-layer", type=int, help="layer of the per-GPU load plot (default: first)")
+    p.add_argument("--plot-step", type=int, default=0, help="micro-batch of the per-GPU load plot")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_analyze)
+
+    p = sub.add_parser("simulate", help="MoE-layer and step time per balancing strategy (cost model)")
+    p.add_argument("input", nargs="?", help="trace directory or counts file (default: synthetic routing)")
+    p.add_argument("--experts", type=int, help="E (required for trace directories)")
+    p.add_argument("--model", default="GPT-32x1.3B", help="paper model shape for the cost model")
+    p.add_argument("--ep", type=int, help="override the model's EP")
+    p.add_argument("--micro-ep", type=int, help="override the model's MicroEP d")
+    p.add_argument("--synthetic", default="zipf", help="zipf | lognormal | forced-bias | gaussian")
+    p.add_argument("--skew", type=float, default=1.0, help="skew of the synthetic load model")
+    p.add_argument("--micro-batches", type=int, default=24)
+    p.add_argument("--variability", type=float, default=0.3, help="share of each micro-batch's popularity redrawn")
+    p.add_argument("--history-fraction", type=float, default=0.25, help="EPLB-style history share")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate", action="store_true", help="measure GEMM throughput on this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_simulate)
 
     p = sub.add_parser("report", help="summarise a training run's --micro-ep-metrics-file, plot per-GPU load")
     p.add_argument("metrics", help="the JSON-lines file written with --micro-ep-metrics-file")
@@ -201,7 +312,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "steps", 0) is None:
-        args.steps = 200 if args.what == "schedule" else 50
+        args.steps = {"schedule": 200, "balance": 50, "paper": 24}[args.what]
     try:
         args.run(args)
     except InputError as exc:

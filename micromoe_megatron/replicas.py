@@ -162,7 +162,8 @@ def mark_replicas_shared(layers: list[ReplicaLayer]) -> None:
                 p.shared = not layer.peers.is_canonical(j)
 
 
-def _fetch(tensors_per_slot: list[torch.Tensor], phy2log: np.ndarray, source_of, rank: int, group) -> list[torch.Tensor]:
+def _fetch(tensors_per_slot: list[torch.Tensor], phy2log: np.ndarray, source_of, rank: int,
+           group) -> list[torch.Tensor]:
     """Every rank's slot j receives slot ``source_of(e)[1]`` of rank ``source_of(e)[0]``, e = phy2log[rank, j].
 
     Args:

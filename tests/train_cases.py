@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import zlib
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -159,8 +158,9 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
     for step in range(first_step, steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        per_micro = forward_backward(forward_step_func=_forward_step, data_iterator=_batches(rank, step, num_microbatches),
-                                     model=[ddp], num_microbatches=num_microbatches, seq_length=SEQ,
+        per_micro = forward_backward(forward_step_func=_forward_step,
+                                     data_iterator=_batches(rank, step, num_microbatches), model=[ddp],
+                                     num_microbatches=num_microbatches, seq_length=SEQ,
                                      micro_batch_size=MICRO_BATCH, forward_only=False)
         ok, grad_norm, _ = optimizer.step()
         assert ok

@@ -1,0 +1,108 @@
+"""``micromoe analyze``: GPU max/mean per layer and micro-batch under vanilla EP and under MicroEP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import placement as placements
+from .counts import RoutingCounts, TraceError
+from .strategies import ReplicaLP, VanillaEP
+
+PERCENTILES = (50, 90, 99)
+
+
+def _ratio(load: np.ndarray) -> float:
+    mean = load.mean()
+    return float(load.max() / mean) if mean else 1.0
+
+
+def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "symmetric", seed: int = 0,
+            gpus_per_node: int | None = None, progress=None) -> dict:
+    """Per layer: the distribution over micro-batches of GPU max/mean tokens, both ways.
+
+    The traced GPUs are taken in groups of ``F = micro_ep x EP`` consecutive ranks (Megatron's rank
+    order with TP = 1: EP groups are consecutive); a micro-batch's max/mean is over all GPUs.
+    """
+    num_gpus, num_experts = counts.num_gpus, counts.num_experts
+    group = ep * micro_ep
+    if ep < 1 or micro_ep < 1:
+        raise TraceError(f"--ep and --micro-ep must be >= 1, got {ep} and {micro_ep}")
+    if num_gpus % group:
+        raise TraceError(f"--micro-ep {micro_ep} x --ep {ep} = {group} must divide the {num_gpus} traced GPUs")
+    if num_experts % ep:
+        raise TraceError(f"--ep {ep} must divide --experts {num_experts}")
+    try:
+        layout = placements.make_placement(placement, group, num_experts, micro_ep, seed=seed)
+    except placements.PlacementError as exc:
+        raise TraceError(f"--placement: {exc}") from exc
+    groups = [slice(s, s + group) for s in range(0, num_gpus, group)]
+    layers, loads = [], {}
+    for layer, array in sorted(counts.layers.items()):
+        vanilla, planners = VanillaEP(group, num_experts, ep), [
+            ReplicaLP("MicroEP", layout.holders, group, gpus_per_node) for _ in groups]
+        before, after, fallbacks = [], [], 0
+        for step, tokens in enumerate(array):
+            load_before = np.concatenate([vanilla.outcome(tokens[g]).load for g in groups])
+            outcomes = [p.outcome(tokens[g]) for p, g in zip(planners, groups)]
+            load_after = np.concatenate([o.load for o in outcomes])
+            fallbacks += sum(o.fallback for o in outcomes)
+            before.append(_ratio(load_before))
+            after.append(_ratio(load_after))
+            loads[(layer, step)] = (load_before, load_after)
+        row = {"layer": layer, "micro_batches": len(array), "fallbacks": fallbacks}
+        for name, values in (("vanilla", before), ("micro_ep", after)):
+            for q in PERCENTILES:
+                row[f"{name}_p{q}"] = float(np.percentile(values, q))
+            row[f"{name}_mean"] = float(np.mean(values))
+        row["series"] = {"vanilla": before, "micro_ep": after}
+        layers.append(row)
+        if progress:
+            progress(f"  layer {layer}: {len(array)} micro-batches, max/mean p50 {row['vanilla_p50']:.3f} -> "
+                     f"{row['micro_ep_p50']:.3f}")
+    overall = {f"{name}_p{q}": float(np.percentile([v for r in layers for v in r["series"][name]], q))
+               for name in ("vanilla", "micro_ep") for q in PERCENTILES}
+    return {"gpus": num_gpus, "experts": num_experts, "ep": ep, "micro_ep": micro_ep, "placement": placement,
+            "group_size": group, "layers": layers, "overall": overall, "_loads": loads}
+
+
+def public_json(result: dict) -> dict:
+    """The JSON shape ``micromoe analyze --json`` prints (no per-step series or loads)."""
+    out = {k: v for k, v in result.items() if not k.startswith("_")}
+    out["layers"] = [{k: v for k, v in row.items() if k != "series"} for row in result["layers"]]
+    return out
+
+
+def format_analysis(result: dict) -> str:
+    lines = [f"{result['gpus']} GPUs, {result['experts']} experts, EP {result['ep']}, MicroEP d = {result['micro_ep']} "
+             f"({result['placement']} placement, groups of {result['group_size']} GPUs)",
+             "GPU max/mean tokens per micro-batch:",
+             f"{'layer':>5} {'micro-batches':>13} | {'vanilla EP p50':>14} {'p90':>6} {'p99':>6} | "
+             f"{'MicroEP p50':>11} {'p90':>6} {'p99':>6} | fallbacks"]
+    for row in result["layers"]:
+        lines.append(f"{row['layer']:>5} {row['micro_batches']:>13} | {row['vanilla_p50']:>14.3f} "
+                     f"{row['vanilla_p90']:>6.3f} {row['vanilla_p99']:>6.3f} | {row['micro_ep_p50']:>11.3f} "
+                     f"{row['micro_ep_p90']:>6.3f} {row['micro_ep_p99']:>6.3f} | {row['fallbacks']}")
+    o = result["overall"]
+    lines.append(f"{'all':>5} {'':>13} | {o['vanilla_p50']:>14.3f} {o['vanilla_p90']:>6.3f} {o['vanilla_p99']:>6.3f} | "
+                 f"{o['micro_ep_p50']:>11.3f} {o['micro_ep_p90']:>6.3f} {o['micro_ep_p99']:>6.3f} |")
+    return "\n".join(lines)
+
+
+def write_plots(result: dict, directory: str | Path, layer: int | None = None, step: int = 0) -> list[Path]:
+    """Per-GPU load before/after for one (layer, micro-batch), and the imbalance distribution per layer."""
+    from ..plots import plot_imbalance_distribution, plot_load_per_gpu
+
+    directory = Path(directory)
+    layer = result["layers"][0]["layer"] if layer is None else layer
+    if (layer, step) not in result["_loads"]:
+        raise TraceError(f"--plot-layer {layer} --plot-step {step}: no such layer and micro-batch in the input")
+    before, after = result["_loads"][(layer, step)]
+    paths = [plot_load_per_gpu(before, after, directory / f"load_per_gpu_layer{layer}_step{step}.png",
+                               f"layer {layer}, micro-batch {step}: tokens per GPU")]
+    series = {r["layer"]: (np.array(r["series"]["vanilla"]), np.array(r["series"]["micro_ep"]))
+              for r in result["layers"]}
+    paths.append(plot_imbalance_distribution(series, directory / "imbalance_per_layer.png",
+                                             "GPU max/mean per micro-batch"))
+    return paths

@@ -1,0 +1,176 @@
+"""Balancing strategies: one micro-batch's ``[F, E]`` counts -> per-GPU load and traffic.
+
+Every strategy works on one group of ``F`` GPUs with ``L`` expert slots each (the same memory for
+all of them: vanilla EP's ``E / EP`` experts per GPU):
+
+* ``VanillaEP``: ``F / EP`` independent EP groups; a token goes to its expert's only GPU in its
+  own group.
+* ``ReplicaLP``: replicas on a fixed placement, each micro-batch split by the LP (HiGHS, the
+  planning core). With the symmetric or random placement this is MicroEP; with a placement of
+  redundant copies along a ring it is the LPLB-style baseline.
+* ``StaticReplication``: EPLB-style: replica counts and placement chosen from a load history,
+  tokens split equally among an expert's replicas.
+* ``ForceBalanced``: the ideal: every GPU gets exactly the mean load, traffic spread evenly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import placement as placements
+from ..schedule import ReplicaScheduler
+
+
+@dataclass
+class Outcome:
+    """What one strategy does with one micro-batch of one layer.
+
+    Attributes:
+        load: [F] tokens processed per GPU.
+        traffic: [F, F] tokens sent from GPU s to GPU g (the diagonal stays local).
+        overhead_ms: host planning time on the critical path (LP solve, counts all-gather).
+        fallback: the LP fell back to an even split.
+    """
+
+    load: np.ndarray
+    traffic: np.ndarray
+    overhead_ms: float = 0.0
+    fallback: bool = False
+
+    @property
+    def imbalance(self) -> float:
+        mean = self.load.mean()
+        return float(self.load.max() / mean) if mean else 1.0
+
+
+class VanillaEP:
+    name = "vanilla EP"
+
+    def __init__(self, num_gpus: int, num_experts: int, ep: int):
+        if num_gpus % ep or num_experts % ep:
+            raise ValueError(f"EP {ep} must divide the {num_gpus} GPUs and {num_experts} experts")
+        self.ep, self.per_gpu = ep, num_experts // ep
+        gpus, experts = np.arange(num_gpus), np.arange(num_experts)
+        self.home = (gpus // ep * ep)[:, None] + (experts // self.per_gpu)[None, :]   # [F, E]
+
+    def outcome(self, tokens: np.ndarray) -> Outcome:
+        num_gpus = tokens.shape[0]
+        traffic = np.zeros((num_gpus, num_gpus))
+        np.add.at(traffic, (np.repeat(np.arange(num_gpus), tokens.shape[1]), self.home.ravel()), tokens.ravel())
+        return Outcome(traffic.sum(axis=0), traffic)
+
+
+class ReplicaLP:
+    """A fixed placement and the per-micro-batch LP (the planning core)."""
+
+    def __init__(self, name: str, holders, num_gpus: int, gpus_per_node: int | None = None,
+                 allgather_ms: float = 0.0, schedule_ms: float | None = None):
+        self.name = name
+        self.scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node)
+        self.allgather_ms = allgather_ms
+        self.schedule_ms = schedule_ms  # None: the measured solve time
+
+    def outcome(self, tokens: np.ndarray) -> Outcome:
+        plan = self.scheduler.plan(tokens)
+        num_gpus = tokens.shape[0]
+        traffic = np.zeros((num_gpus, num_gpus))
+        np.add.at(traffic, (plan.routes[:, 0], plan.routes[:, 2]), plan.routes[:, 3])
+        solve_ms = plan.schedule_ms if self.schedule_ms is None else self.schedule_ms
+        return Outcome(plan.load_per_gpu.astype(float), traffic, solve_ms + self.allgather_ms, plan.fallback)
+
+
+def ring_redundant_holders(num_gpus: int, num_experts: int, replicas: int) -> tuple[tuple[int, ...], ...]:
+    """LPLB-style redundancy: expert e lives on its home GPU and the next ``d - 1`` GPUs of a ring."""
+    if num_experts % num_gpus:
+        raise ValueError(f"ring redundancy needs the {num_gpus} GPUs to divide the {num_experts} experts")
+    per_gpu = num_experts // num_gpus
+    return tuple(tuple((e // per_gpu + k) % num_gpus for k in range(replicas)) for e in range(num_experts))
+
+
+def eplb_holders(mean_load: np.ndarray, num_gpus: int, slots_per_gpu: int) -> tuple[tuple[int, ...], ...]:
+    """EPLB-style static replication: fill ``F * L`` slots, hot experts get more replicas.
+
+    Replica counts: one each, then each spare slot to the expert with the most load per replica
+    (at most one replica per GPU). Placement: replicas heaviest first, each to the least-loaded
+    GPU with a free slot that does not hold the expert yet.
+    """
+    num_experts = mean_load.size
+    slots = num_gpus * slots_per_gpu
+    if slots < num_experts:
+        raise ValueError(f"{slots} slots cannot hold {num_experts} experts")
+    load = np.maximum(mean_load.astype(float), 1e-9)
+    counts = np.ones(num_experts, dtype=np.int64)
+    for _ in range(slots - num_experts):
+        share = np.where(counts < num_gpus, load / counts, -1.0)
+        counts[int(np.argmax(share))] += 1
+    replicas = sorted(((load[e] / counts[e], e) for e in range(num_experts) for _ in range(counts[e])),
+                      key=lambda r: (-r[0], r[1]))
+    gpu_load, free = np.zeros(num_gpus), np.full(num_gpus, slots_per_gpu)
+    holders: list[list[int]] = [[] for _ in range(num_experts)]
+    for weight, e in replicas:
+        options = [g for g in range(num_gpus) if free[g] and g not in holders[e]]
+        if not options:  # only GPUs that already hold e have room: the copy adds nothing
+            continue
+        g = min(options, key=lambda g: (gpu_load[g], g))
+        holders[e].append(g)
+        gpu_load[g] += weight
+        free[g] -= 1
+    return tuple(tuple(sorted(h)) for h in holders)
+
+
+class StaticReplication:
+    """EPLB-style: placement from the mean load of a history, equal split among replicas."""
+
+    name = "static replication (EPLB-style)"
+
+    def __init__(self, history: np.ndarray, slots_per_gpu: int):
+        """history: [K, F, E] counts of earlier micro-batches."""
+        num_gpus = history.shape[1]
+        self.holders = eplb_holders(history.sum(axis=(0, 1)), num_gpus, slots_per_gpu)
+
+    def outcome(self, tokens: np.ndarray) -> Outcome:
+        num_gpus = tokens.shape[0]
+        traffic = np.zeros((num_gpus, num_gpus))
+        for e, gpus in enumerate(self.holders):
+            traffic[:, list(gpus)] += tokens[:, e:e + 1] / len(gpus)
+        return Outcome(traffic.sum(axis=0), traffic)
+
+
+class ForceBalanced:
+    """Every GPU at the mean load. Its all-to-all cost is set by the simulator (the least of the
+    real strategies', spread evenly), so it bounds every strategy from below."""
+
+    name = "force-balanced ideal"
+    ideal = True
+
+    def outcome(self, tokens: np.ndarray) -> Outcome:
+        num_gpus = tokens.shape[0]
+        sent = tokens.sum(axis=1).astype(float)
+        traffic = np.repeat(sent[:, None] / num_gpus, num_gpus, axis=1)
+        return Outcome(traffic.sum(axis=0), traffic)
+
+
+STRATEGY_NAMES = ("vanilla EP", "MicroEP (symmetric)", "MicroEP (random)", "static replication (EPLB-style)",
+                  "redundant ring + LP (LPLB-style)", "force-balanced ideal")
+
+
+def build_strategies(num_gpus: int, num_experts: int, ep: int, replicas: int, history: np.ndarray,
+                     gpus_per_node: int | None = None, allgather_ms: float = 0.0, schedule_ms: float | None = None,
+                     seed: int = 0) -> list:
+    """The strategies of STRATEGY_NAMES for one group of F = d * EP GPUs (the LPLB-style one only
+    when F divides E)."""
+    slots_per_gpu = num_experts // ep
+    lp = dict(num_gpus=num_gpus, gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
+    strategies = [
+        VanillaEP(num_gpus, num_experts, ep),
+        ReplicaLP("MicroEP (symmetric)", placements.symmetric(num_gpus, num_experts, replicas).holders, **lp),
+        ReplicaLP("MicroEP (random)", placements.random(num_gpus, num_experts, replicas, seed=seed).holders, **lp),
+        StaticReplication(history, slots_per_gpu),
+    ]
+    if num_experts % num_gpus == 0:
+        strategies.append(ReplicaLP("redundant ring + LP (LPLB-style)",
+                                    ring_redundant_holders(num_gpus, num_experts, replicas), **lp))
+    strategies.append(ForceBalanced())
+    return strategies

@@ -1,0 +1,175 @@
+"""Simulator, analysis and trace reading: invariants, round trips, plots, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from micromoe_megatron.cli import main as micromoe
+from micromoe_megatron.sim import analyze as analysis
+from micromoe_megatron.sim.cost import CostModel
+from micromoe_megatron.sim.counts import (
+    RoutingCounts, TraceError, read_router_traces, read_routing, synthetic_counts, write_counts,
+)
+from micromoe_megatron.sim.paper import PAPER_MODELS, bench_paper
+from micromoe_megatron.sim.simulate import simulate
+from micromoe_megatron.sim.strategies import ReplicaLP, StaticReplication, VanillaEP, eplb_holders
+from micromoe_megatron import placement
+
+SHAPE = PAPER_MODELS[0]                      # GPT 32x1.3B: EP 4, d = 2 -> groups of 8 GPUs
+FIXED_COST = CostModel(schedule_ms=0.5)      # deterministic: no wall-clock solve times
+
+
+def small_counts(kind="zipf", skew=1.0, gpus=8, experts=32, micro_batches=8, layers=1, seed=0):
+    return synthetic_counts(kind, skew, gpus, experts, 4096, micro_batches, num_layers=layers, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["zipf", "lognormal", "forced-bias", "gaussian"])
+@pytest.mark.parametrize("skew", [0.5, 1.5])
+def test_ideal_bounds_every_strategy_and_micro_ep_never_loses_balance(kind, skew):
+    results = {r.strategy: r for r in simulate(small_counts(kind, skew), SHAPE, FIXED_COST)}
+    ideal = results.pop("force-balanced ideal")
+    for r in results.values():
+        assert ideal.layer_ms <= r.layer_ms + 1e-9 and ideal.step_ms <= r.step_ms + 1e-9, r.strategy
+        assert ideal.compute_ms <= r.compute_ms + 1e-9 and ideal.imbalance_p50 <= r.imbalance_p50 + 1e-9
+    vanilla = results["vanilla EP"]
+    assert results["MicroEP (symmetric)"].imbalance_p99 <= vanilla.imbalance_p99 + 1e-9
+
+
+def test_micro_ep_max_load_never_exceeds_vanilla_per_micro_batch():
+    counts = small_counts(skew=1.2, micro_batches=20).layers[1]
+    vanilla = VanillaEP(8, 32, 4)
+    micro = ReplicaLP("MicroEP", placement.symmetric(8, 32, 2).holders, 8)
+    for tokens in counts:
+        assert micro.outcome(tokens).load.max() <= vanilla.outcome(tokens).load.max()
+        assert micro.outcome(tokens).load.sum() == tokens.sum()  # every token processed once
+
+
+def test_identical_inputs_give_identical_outputs():
+    first = [r.to_json() for r in simulate(small_counts(seed=3), SHAPE, FIXED_COST)]
+    second = [r.to_json() for r in simulate(small_counts(seed=3), SHAPE, FIXED_COST)]
+    assert first == second
+
+
+def test_eplb_replicates_hot_experts_within_the_same_memory():
+    load = np.array([100.0, 1, 1, 1, 1, 1, 1, 1])
+    holders = eplb_holders(load, num_gpus=4, slots_per_gpu=4)
+    assert len(holders[0]) == 4 and sum(len(h) for h in holders) <= 16
+    history = np.zeros((1, 4, 8), dtype=np.int64)
+    history[0, :, 0] = 100
+    strategy = StaticReplication(history, slots_per_gpu=4)
+    outcome = strategy.outcome(history[0])
+    assert np.allclose(outcome.load, 100.0)
+
+
+def test_paper_bench_rows_have_the_documented_fields():
+    result = bench_paper(micro_batches=3, cost=FIXED_COST, models=PAPER_MODELS[:1], skews=(1.0,))
+    rows = result["rows"]
+    assert {r["strategy"] for r in rows} >= {"vanilla EP", "MicroEP (symmetric)", "force-balanced ideal"}
+    for row in rows:
+        assert {"model", "zipf_s", "strategy", "step_ms", "gain_vs_vanilla_pct"} <= set(row)
+    assert next(r for r in rows if r["strategy"] == "vanilla EP")["gain_vs_vanilla_pct"] == 0.0
+    assert result["paper"]["average_gain_pct"] == 36.9 and result["cost_model"]
+
+
+# ------------------------------------------------------------------ traces and counts files
+
+
+def write_megatron_trace(directory, counts_per_rank_step_layer, top_k=2, experts=8, seed=0):
+    """Megatron router_trace_rank{r}.jsonl files whose top-k picks give known counts."""
+    rng = np.random.default_rng(seed)
+    for rank, records in counts_per_rank_step_layer.items():
+        lines = []
+        for step, layer, tokens in records:
+            top = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
+            lines.append(json.dumps({"step": step, "stage": "pre_dispatch", "block": "decoder", "layer": layer,
+                                     "rank": rank, "num_tokens": tokens, "topk": top_k,
+                                     "top_indices": top.tolist()}))
+        lines.append(json.dumps({"step": 0, "block": "decoder", "layer": 1, "rank": rank, "mtp_idx": 0,
+                                 "top_indices": [[0, 1]]}))  # MTP records are skipped
+        (directory / f"router_trace_rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_megatron_trace_parsing(tmp_path):
+    records = [(0, 1, 5), (0, 1, 7), (0, 2, 5), (1, 1, 6), (1, 2, 6)]  # two micro-batches at step 0, layer 1
+    write_megatron_trace(tmp_path, {0: records, 1: records})
+    counts = read_router_traces(tmp_path, num_experts=8)
+    assert sorted(counts.layers) == [1, 2]
+    assert counts.layers[1].shape == (3, 2, 8) and counts.layers[2].shape == (2, 2, 8)
+    assert counts.layers[1][1].sum(axis=1).tolist() == [14, 14]  # 7 tokens x top-2 on each rank
+
+
+def test_counts_file_round_trips(tmp_path):
+    counts = small_counts(layers=2, micro_batches=3)
+    for name in ("counts.json", "counts.npz"):
+        again = read_routing(write_counts(counts, tmp_path / name))
+        assert again.num_experts == counts.num_experts
+        assert all(np.array_equal(again.layers[n], counts.layers[n]) for n in counts.layers)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"step": 0, "layer": 1}', "lacks top_indices"),
+    ('{"step": 0, "layer": 1, "top_indices": [[0, 9]]}', "expert index 9 >= --experts 8"),
+])
+def test_malformed_traces_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "router_trace_rank0.jsonl").write_text(content + "\n")
+    with pytest.raises(TraceError, match=message) as error:
+        read_router_traces(tmp_path, num_experts=8)
+    assert "router_trace_rank0.jsonl:1" in str(error.value)
+
+
+def test_inconsistent_traces_and_layouts_are_rejected(tmp_path):
+    with pytest.raises(TraceError, match="no router_trace_rank"):
+        read_router_traces(tmp_path, 8)
+    write_megatron_trace(tmp_path, {0: [(0, 1, 4)], 1: [(0, 1, 4), (0, 1, 4)]})
+    with pytest.raises(TraceError, match="different numbers of micro-batches"):
+        read_router_traces(tmp_path, 8)
+    with pytest.raises(TraceError, match="must divide the 8 traced GPUs"):
+        analysis.analyze(small_counts(gpus=8), ep=3, micro_ep=2)
+    with pytest.raises(TraceError, match="--experts is required"):
+        read_routing(tmp_path)
+    with pytest.raises(TraceError, match="counts must be"):
+        RoutingCounts({1: np.zeros((2, 4, 5), dtype=np.int64)}, num_experts=8)
+
+
+# ------------------------------------------------------------------ the analyze command
+
+
+def test_analyze_json_and_plots(tmp_path, capsys):
+    counts_path = write_counts(small_counts(gpus=16, layers=2, micro_batches=5, skew=1.0), tmp_path / "c.json")
+    plots = tmp_path / "plots"
+    assert micromoe(["analyze", str(counts_path), "--ep", "4", "--micro-ep", "2", "--json",
+                     "--plot-dir", str(plots), "--plot-layer", "2", "--plot-step", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["layer"] for row in result["layers"]] == [1, 2]
+    for row in result["layers"]:
+        assert {"vanilla_p50", "vanilla_p99", "micro_ep_p50", "micro_ep_p99"} <= set(row)
+        assert row["micro_ep_p50"] <= row["vanilla_p50"] and row["micro_ep_p99"] <= row["vanilla_p99"]
+    for name in ("load_per_gpu_layer2_step1.png", "imbalance_per_layer.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_reads_megatron_traces_and_reports_errors(tmp_path, capsys):
+    write_megatron_trace(tmp_path, {r: [(0, 1, 32), (1, 1, 32)] for r in range(4)})
+    assert micromoe(["analyze", str(tmp_path), "--experts", "8", "--ep", "2", "--micro-ep", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 GPUs, 8 experts, EP 2, MicroEP d = 2" in out and "GPU max/mean" in out
+    assert micromoe(["analyze", str(tmp_path), "--experts", "4", "--ep", "2", "--micro-ep", "2"]) == 2
+    assert "expert index" in capsys.readouterr().err
+
+
+def test_simulate_command_json(capsys):
+    assert micromoe(["simulate", "--model", "GPT-8x6.7B", "--skew", "1.0", "--micro-batches", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "GPT 8x6.7B" and len(result["results"]) == 6
+    assert micromoe(["simulate", "--model", "GPT-1T"]) == 2
+
+
+def test_shapes_are_the_paper_table():
+    mixtral = next(m for m in PAPER_MODELS if m.name == "Mixtral 8x7B")
+    assert dataclasses.astuple(mixtral)[1:12] == (32, 4096, 14336, 4096, 8, 2, 1, 256, 32, 4, 4)
+    assert mixtral.micro_batches_per_step == 32 and mixtral.swiglu
