@@ -63,7 +63,23 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         finally:
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
+            _release_groups()
     dist.destroy_process_group()
+
+
+def _release_groups() -> None:
+    """Free every process group but the world. destroy_model_parallel() only forgets Megatron's
+    groups; their gloo contexts and TCP threads would otherwise pile up test after test. (After a
+    Megatron DDP model some still survive; conftest.py restarts the pool per module for that.)"""
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not distributed_c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+    gc.collect()  # a group's threads stop when its last reference (models, optimizers) is gone
 
 
 class RankPool:

@@ -47,16 +47,22 @@ def _logical_slots(module) -> list[int]:
 
 @torch.no_grad()
 def _set_weights(model) -> None:
-    """Every parameter from a seed of its logical identity: name, or (layer, logical expert, index)."""
+    """Deterministic weights with Megatron's init semantics: dense parameters from their name, expert
+    slot j of EP rank r like Megatron's expert RNG stream of rank r (here: seed (layer, r * L + j)).
+
+    Stock EP thus gives logical expert e the value of seed e; MicroEP's ranks r < EP hold the same
+    values, and ReplicaSync.attach copies them to every holder of e, as in a real launch.
+    """
     for param_name, param in model.named_parameters():
         if "experts" not in param_name:
             param.copy_(torch.ones_like(param) if "norm" in param_name
                         else _seeded(param.shape, zlib.crc32(param_name.encode())))
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            for slot, logical in enumerate(_logical_slots(module)):
-                for i, param in enumerate(module.experts.local_experts[slot].parameters()):
-                    param.copy_(_seeded(param.shape, zlib.crc32(f"{name}/{logical}/{i}".encode())))
+            first = module.token_dispatcher.ep_rank * module.num_local_experts
+            for slot, expert in enumerate(module.experts.local_experts):
+                for i, param in enumerate(expert.parameters()):
+                    param.copy_(_seeded(param.shape, zlib.crc32(f"{name}/{first + slot}/{i}".encode())))
 
 
 def _batches(rank: int, step: int, num_microbatches: int):
@@ -126,7 +132,7 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
           save_dir: str | None = None, save_after: int | None = None, load_dir: str | None = None):
     """Train steps ``first_step .. steps-1``; returns losses, grad norms and the logical expert weights
     held here. ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron
-    EP = 2 d). ``sync=False`` leaves out the replica machinery (a negative control). ``save_dir`` /
+    EP = 2 d). ``sync=False`` leaves out the replica gradient sum (a negative control). ``save_dir`` /
     ``save_after``: write a distributed checkpoint after that many steps; ``load_dir``: start from one.
     """
     ep_size = EP * max(micro_ep, 1)
@@ -140,8 +146,8 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ)
     _set_weights(model)
     replica_sync = ReplicaSync(check_every=check_every)
-    if micro_ep and sync:
-        replica_sync.attach([model])
+    if micro_ep:
+        replica_sync.attach([model])  # identical replicas from the start, also for the control
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer, bucket_size=4096), model)
@@ -206,3 +212,4 @@ def replicas_diverge_detected(rank, world_size, *, micro_ep: int = 2):
     ReplicaSync().attach([model])
     check_replicas(layers)
     return before
+
