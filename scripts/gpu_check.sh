@@ -42,4 +42,12 @@ print(f"median ms/iter after warm-up: stock {statistics.median(stock[i][0] for i
 print(f"max |loss difference| {max(abs(stock[i][1] - micro[i][1]) for i in steady):.3e}")
 PY
 "$py" -m micromoe_megatron.cli report "$out/metrics.jsonl" --plot "$out/load_per_gpu.png"
+if [ "$ngpu" -ge 4 ]; then  # tensor parallelism 2 (sequence parallel), expert TP 1: not runnable on CPU
+  tp=(--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1
+      --expert-model-parallel-size $((ngpu / 4)) --train-iters 5)
+  run "${tp[@]}" > "$out/stock_tp2.log" 2>&1
+  run "${tp[@]}" --micro-ep 2 > "$out/micro_tp2.log" 2>&1
+  echo "TP 2, iteration 1: stock $(grep -o 'lm loss: [0-9.E+-]*' "$out/stock_tp2.log" | head -1), MicroEP" \
+       "$(grep -o 'lm loss: [0-9.E+-]*' "$out/micro_tp2.log" | head -1)"
+fi
 echo "gpu_check: logs in $out"

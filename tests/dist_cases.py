@@ -16,9 +16,12 @@ HIDDEN, FFN, SEQ, BATCH = 16, 32, 8, 4
 
 
 def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn: int = FFN,
-               recompute: bool = False) -> TransformerConfig:
+               recompute: bool = False, tp: int = 1) -> TransformerConfig:
     recompute_args = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
-    return TransformerConfig(**recompute_args,
+    # MoE with TP > 1 needs sequence parallelism (Megatron refuses otherwise); experts stay unsharded.
+    tp_args = dict(tensor_model_parallel_size=tp, sequence_parallel=True, expert_tensor_parallel_size=1) \
+        if tp > 1 else {}
+    return TransformerConfig(**recompute_args, **tp_args,
         num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=4,
         num_moe_experts=num_experts, moe_router_topk=top_k, moe_ffn_hidden_size=ffn,
         expert_model_parallel_size=ep, use_cpu_initialization=True,
@@ -82,12 +85,15 @@ def _summed_over_ranks(result) -> dict:
 
 
 def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replicas=2, hot_expert=None,
-                      tokens_scale=1, placement="symmetric", recompute=False):
-    """Stock alltoall MoELayer (EP = ep) vs MicroMoELayer (d = replicas) on the same weights/data."""
+                      tokens_scale=1, placement="symmetric", recompute=False, tp=1):
+    """Stock alltoall MoELayer (EP = ep) vs MicroMoELayer (d = replicas) on the same weights/data.
+    ``tp`` > 1: attention tensor parallelism with sequence parallelism, expert TP 1."""
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    layout = dict(tensor_model_parallel_size=tp, expert_tensor_parallel_size=1)
 
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep, recompute=recompute), pg_collection=None)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep, **layout)
+    stock = spec.submodules.mlp(config=moe_config(num_experts, top_k, ep, recompute=recompute, tp=tp),
+                                pg_collection=None)
     local = num_experts // ep
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     stock_slots = [ep_rank * local + l for l in range(local)]
@@ -97,9 +103,9 @@ def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replica
     parallel_state.destroy_model_parallel()
 
     micro_size = ep * replicas
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=micro_size)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=micro_size, **layout)
     micro_spec = use_micro_ep(spec, MicroEPConfig(replicas=replicas, placement=placement, check_plans=True))
-    layer = micro_spec.submodules.mlp(config=moe_config(num_experts, top_k, micro_size, recompute=recompute),
+    layer = micro_spec.submodules.mlp(config=moe_config(num_experts, top_k, micro_size, recompute=recompute, tp=tp),
                                       pg_collection=None)
     assert isinstance(layer, MicroMoELayer)
     micro_rank = parallel_state.get_expert_model_parallel_rank()

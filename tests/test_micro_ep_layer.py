@@ -28,6 +28,13 @@ def test_micro_ep_d1_is_exactly_vanilla_ep(rank_pool, top_k):
         assert r["received"] == r["stock_received"]
 
 
+def test_tensor_parallel_2_with_expert_tp_1(rank_pool):
+    """TP 2 (sequence parallel) x MicroEP group of 4: the layer still equals the stock one. (A TP run
+    of Megatron's pretrain() is impossible on CPU: MoE + TP needs sequence parallelism, which the
+    non-TransformerEngine norm refuses; scripts/gpu_check.sh covers it on GPUs.)"""
+    assert_equivalent(rank_pool.run("tests.dist_cases:stock_vs_micro_ep", ep=2, replicas=2, tp=2))
+
+
 def test_random_placement_matches_stock(rank_pool):
     assert_equivalent(rank_pool.run("tests.dist_cases:stock_vs_micro_ep", ep=2, replicas=2,
                                     placement="random"))
