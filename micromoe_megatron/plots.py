@@ -31,7 +31,7 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     ax.bar(gpus - 0.2, vanilla, 0.4, label=f"vanilla EP (max/mean {ratio(vanilla):.3f})", color="#c44e52")
     ax.bar(gpus + 0.2, micro_ep, 0.4, label=f"MicroEP (max/mean {ratio(micro_ep):.3f})", color="#4c72b0")
     ax.axhline(vanilla.mean(), color="gray", linestyle="--", linewidth=1, label="mean")
-    ax.set_xlabel("GPU (rank in the MicroEP group)")
+    ax.set_xlabel("GPU")
     ax.set_ylabel("tokens")
     ax.set_xticks(gpus)
     ax.set_title(title)
