@@ -8,6 +8,9 @@ expert ``phy2log[g, l]``. Per layer and micro-batch:
     -> logical routing map / probs [T, E] turned into physical ones [T, F * L]
     -> the stock permute / all-to-all / sort-chunks / experts / combine, unchanged.
 
+The all-to-all splits come from the plan (``preprocess``), so the stock dispatcher's own
+all-gather of physical counts is not needed.
+
 Each (token, expert) pair lands in exactly one slot, so ``num_out_tokens`` and the combine are the
 stock ones. The physical probs are a gather of the logical ones, so the router gets its gradients.
 The code uses the tensors' device only (no ``torch.cuda``): CPU/gloo and GPU/NCCL alike.
@@ -15,6 +18,7 @@ The code uses the tensors' device only (no ``torch.cuda``): CPU/gloo and GPU/NCC
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -192,3 +196,40 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         self.last_plan = plan
         physical_map, physical_probs = self.to_physical(routing_map, probs, plan)
         return super().dispatch_preprocess(hidden_states, physical_map, physical_probs)
+
+    # ------------------------------------------------------------ communication metadata
+
+    def _plan_uses_static_splits(self) -> bool:
+        """The plan fixes every split in the dropless, unpadded case our layer runs in."""
+        config = self.config
+        return (self.last_plan is not None and self.ep_size > 1 and self.tp_size == 1 and not self.drop_and_pad
+                and config.moe_expert_capacity_factor is None and not config.moe_router_padding_for_quantization)
+
+    def physical_counts(self, plan: SchedulePlan) -> np.ndarray:
+        """int64 ``[F, F * L]``: tokens each rank sends to each physical slot under ``plan``."""
+        routes = plan.routes
+        slot = routes[:, 2] * self.num_local_experts + np.asarray(self.placement.expert_slot)[routes[:, 1]]
+        counts = np.zeros((self.ep_size, self.ep_size * self.num_local_experts), dtype=np.int64)
+        np.add.at(counts, (routes[:, 0], slot), routes[:, 3])
+        return counts
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """Megatron's preprocess without its second all-gather: every rank already knows from the
+        plan how many tokens each rank sends to each slot, so the splits come from there. Same
+        outputs as the stock method (expert TP 1, dropless); anything else takes the stock path."""
+        if not self._plan_uses_static_splits():
+            return super().preprocess(routing_map)
+        device, slots = routing_map.device, self.num_local_experts
+        counts = self.physical_counts(self.last_plan)                             # [F, F * L]
+        received = counts[:, self.ep_rank * slots:(self.ep_rank + 1) * slots]     # [F src, L]
+        as_tensor = functools.partial(torch.as_tensor, dtype=torch.long, device=device)
+        self.num_out_tokens = routing_map.size(0) * self.config.moe_router_topk
+        self.input_splits = as_tensor(counts[self.ep_rank].reshape(self.ep_size, slots).sum(axis=1))
+        self.output_splits = as_tensor(received.sum(axis=1))
+        self.output_splits_tp = as_tensor(received.sum(keepdims=True).reshape(1))
+        self._maybe_update_cuda_sync_point("before_ep_alltoall")
+        if slots > 1:
+            self.num_global_tokens_per_local_expert = as_tensor(received)
+            if not self.config.moe_permute_fusion:
+                self._maybe_update_cuda_sync_point("before_permutation_2")
+        return as_tensor(received.sum(axis=0))
