@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .replicas import collective_device
+
 # Per-layer columns of the reporter's table (means over the steps since the last report).
 COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks")
 
@@ -93,7 +95,7 @@ class MetricsReporter:
         if iteration % self.log_interval:
             return None
         layers = micro_ep_layers(model_chunks)
-        device = next(iter(layers[0].parameters())).device if layers else torch.device("cpu")
+        device = collective_device(layers[0].parameters() if layers else ())
         table, loads = self.gather(layers, device)
         for layer in layers:
             layer.micro_ep_stats.reset()

@@ -213,6 +213,14 @@ def broadcast_replicas(layers: list[ReplicaLayer]) -> None:
             _unflatten_into(values, [p.data for p in params])
 
 
+def collective_device(parameters) -> torch.device:
+    """Where a rank's small world-wide collectives live: with its parameters, or on the current CUDA
+    device for a rank without MoE layers (a pipeline stage of dense layers; NCCL needs CUDA)."""
+    for param in parameters:
+        return param.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
     """Megatron DDP accumulates into ``main_grad``; plain autograd into ``grad``."""
     grad = getattr(param, "main_grad", None)
@@ -259,8 +267,7 @@ def check_replicas(layers: list[ReplicaLayer], step: int | None = None) -> None:
                     diff = (mine - theirs).abs().max().item()
                     bad.append(f"{layer.name}: logical expert {layer.peers.logical[j]} (slot {j}) differs "
                                f"between MicroEP ranks {layer.peers.rank} and {g} (max abs diff {diff:.3g})")
-    device = layers[0].slots[0][0].device if layers else torch.device("cpu")
-    flag = torch.tensor([float(bool(bad))], device=device)
+    flag = torch.tensor([float(bool(bad))], device=collective_device(layers[0].slots[0] if layers else ()))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         where = f" at step {step}" if step is not None else ""
