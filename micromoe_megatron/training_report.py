@@ -24,9 +24,11 @@ def read_records(path: str | Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            record["iteration"], record["summary"], record["layers"]  # noqa: B018 (shape check)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ReportError(f"{path}:{number}: not a MicroEP metrics record ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        missing = {"iteration", "summary", "layers"} - set(record if isinstance(record, dict) else ())
+        if missing:
+            raise ReportError(f"{path}:{number}: not a MicroEP metrics record (lacks {', '.join(sorted(missing))})")
         records.append(record)
     if not records:
         raise ReportError(f"{path}: empty")

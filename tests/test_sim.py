@@ -175,3 +175,17 @@ def test_shapes_are_the_paper_table():
     mixtral = next(m for m in PAPER_MODELS if m.name == "Mixtral 8x7B")
     assert dataclasses.astuple(mixtral)[1:12] == (32, 4096, 14336, 4096, 8, 2, 1, 256, 32, 4, 4)
     assert mixtral.micro_batches_per_step == 32 and mixtral.swiglu
+
+
+def test_report_command_summarises_a_metrics_file(tmp_path, capsys):
+    record = {"iteration": 5, "summary": {"max_mean_vanilla_ep": 1.2, "max_mean_micro_ep": 1.0, "schedule_ms": 0.5,
+                                          "remote_fraction": 0.6, "fallbacks": 0.0},
+              "layers": {"1": {}}, "loads": {"1": {"vanilla_ep": [3, 1], "micro_ep": [2, 2]}}}
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text(json.dumps(record) + "\n")
+    assert micromoe(["report", str(metrics), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "vanilla EP 1.200 -> MicroEP 1.000" in capsys.readouterr().out
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    metrics.write_text('{"iteration": 1}\n')
+    assert micromoe(["report", str(metrics)]) == 2
+    assert "m.jsonl:1: not a MicroEP metrics record (lacks layers, summary)" in capsys.readouterr().err
