@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from .config import MicroEPConfig
+from .loads import max_over_mean
 from .placement import Placement
 from .schedule import ReplicaScheduler, SchedulePlan, holder_table, vanilla_ep_load
 
@@ -61,17 +62,12 @@ class MicroEPStats:
         self.schedule_ms_total += plan.schedule_ms
         self.remote_tokens += plan.remote_tokens
         self.tokens += int(load_before.sum())
-        self.imbalance_before_total += _imbalance(load_before)
+        self.imbalance_before_total += max_over_mean(load_before)
         self.imbalance_after_total += plan.imbalance
         self.load_before, self.load_after = load_before, plan.load_per_gpu
 
     def reset(self) -> None:
         self.__init__()
-
-
-def _imbalance(load: np.ndarray) -> float:
-    mean = float(load.mean()) if load.size else 0.0
-    return float(load.max()) / mean if mean else 1.0
 
 
 def plan_digest(plan: SchedulePlan) -> int:

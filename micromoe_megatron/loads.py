@@ -10,6 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def max_over_mean(load) -> float:
+    """GPU max / mean load of ``[F]`` per-GPU loads: 1.0 is perfect balance (and an empty batch)."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean() if load.size else 0.0
+    return float(load.max() / mean) if mean else 1.0
+
+
 def zipf_probabilities(num_experts: int, skew: float, rng: np.random.Generator) -> np.ndarray:
     """``[E]`` routing probabilities: Zipf(skew) over a random popularity order."""
     weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -float(skew)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .loads import max_over_mean
 from .replicas import collective_device
 
 # Per-layer columns of the reporter's table (means over the steps since the last report).
@@ -33,11 +34,6 @@ def micro_ep_layers(model_chunks) -> list:
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MicroMoELayer)]
 
 
-def _imbalance(load: np.ndarray) -> float:
-    mean = float(load.mean()) if load.size else 0.0
-    return float(load.max()) / mean if mean else 1.0
-
-
 def iteration_line_entries(layers, device) -> dict[str, torch.Tensor]:
     """Loss-dict entries for this micro-batch: GPU max/mean under vanilla EP and under MicroEP,
     averaged over the given layers. Values are ``[sum, count]`` pairs, Megatron's averaging format."""
@@ -46,7 +42,7 @@ def iteration_line_entries(layers, device) -> dict[str, torch.Tensor]:
     if not plans:
         return {}
     count = float(len(plans))
-    before = sum(_imbalance(b) for b, _ in plans)
+    before = sum(max_over_mean(b) for b, _ in plans)
     after = sum(plan.imbalance for _, plan in plans)
     return {"micro-ep max/mean vanilla": torch.tensor([before, count], device=device),
             "micro-ep max/mean": torch.tensor([after, count], device=device)}

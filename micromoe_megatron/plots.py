@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .loads import max_over_mean
+
 
 def _pyplot():
     import matplotlib
@@ -14,6 +16,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Path, title: str) -> Path:
@@ -27,9 +38,8 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     vanilla, micro_ep = np.asarray(vanilla, dtype=float), np.asarray(micro_ep, dtype=float)
     gpus = np.arange(len(vanilla))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(gpus) + 2), 3.6))
-    ratio = lambda load: load.max() / load.mean() if load.mean() else 1.0  # noqa: E731
-    ax.bar(gpus - 0.2, vanilla, 0.4, label=f"vanilla EP (max/mean {ratio(vanilla):.3f})", color="#c44e52")
-    ax.bar(gpus + 0.2, micro_ep, 0.4, label=f"MicroEP (max/mean {ratio(micro_ep):.3f})", color="#4c72b0")
+    ax.bar(gpus - 0.2, vanilla, 0.4, label=f"vanilla EP (max/mean {max_over_mean(vanilla):.3f})", color="#c44e52")
+    ax.bar(gpus + 0.2, micro_ep, 0.4, label=f"MicroEP (max/mean {max_over_mean(micro_ep):.3f})", color="#4c72b0")
     ax.axhline(vanilla.mean(), color="gray", linestyle="--", linewidth=1, label="mean")
     ax.set_xlabel("GPU")
     ax.set_ylabel("tokens")
@@ -37,12 +47,7 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     ax.set_title(title)
     ax.set_ylim(0, 1.3 * max(vanilla.max(), micro_ep.max(), 1.0))  # room for the legend
     ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_imbalance_distribution(per_layer: dict[int, tuple[np.ndarray, np.ndarray]], path: str | Path,
@@ -69,9 +74,4 @@ def plot_imbalance_distribution(per_layer: dict[int, tuple[np.ndarray, np.ndarra
     ax.set_ylabel("GPU max / mean tokens")
     ax.legend([vanilla["boxes"][0], micro["boxes"][0]], ["vanilla EP", "MicroEP"], fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

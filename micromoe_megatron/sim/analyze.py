@@ -7,15 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import placement as placements
+from ..loads import max_over_mean
 from .counts import RoutingCounts, TraceError
 from .strategies import ReplicaLP, VanillaEP
 
 PERCENTILES = (50, 90, 99)
-
-
-def _ratio(load: np.ndarray) -> float:
-    mean = load.mean()
-    return float(load.max() / mean) if mean else 1.0
 
 
 def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "symmetric", seed: int = 0,
@@ -48,8 +44,8 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
             outcomes = [p.outcome(tokens[g]) for p, g in zip(planners, groups)]
             load_after = np.concatenate([o.load for o in outcomes])
             fallbacks += sum(o.fallback for o in outcomes)
-            before.append(_ratio(load_before))
-            after.append(_ratio(load_after))
+            before.append(max_over_mean(load_before))
+            after.append(max_over_mean(load_after))
             loads[(layer, step)] = (load_before, load_after)
         row = {"layer": layer, "micro_batches": len(array), "fallbacks": fallbacks}
         for name, values in (("vanilla", before), ("micro_ep", after)):

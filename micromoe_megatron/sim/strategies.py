@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import placement as placements
+from ..loads import max_over_mean
 from ..schedule import ReplicaScheduler
 
 
@@ -41,8 +42,7 @@ class Outcome:
 
     @property
     def imbalance(self) -> float:
-        mean = self.load.mean()
-        return float(self.load.max() / mean) if mean else 1.0
+        return max_over_mean(self.load)
 
 
 class VanillaEP:
