@@ -68,7 +68,6 @@ class MetricsReporter:
         self.num_layers = num_layers
         self.log_interval = log_interval
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
-        self.history: list[dict] = []
 
     def gather(self, layers, device) -> tuple[np.ndarray, dict[int, dict]]:
         """Per-layer rows summed over the world and divided by their holder count: [num_layers, C]."""
@@ -102,7 +101,6 @@ class MetricsReporter:
         summary = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
         summary["fallbacks"] = float(sum(r["fallbacks"] for r in rows.values()))
         record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads}
-        self.history.append(record)
         if is_last_rank:
             self._write(record, writer, wandb_writer)
             print_fn(format_summary(record), flush=True)

@@ -152,15 +152,11 @@ class ForceBalanced:
         return Outcome(traffic.sum(axis=0), traffic)
 
 
-STRATEGY_NAMES = ("vanilla EP", "MicroEP (symmetric)", "MicroEP (random)", "static replication (EPLB-style)",
-                  "redundant ring + LP (LPLB-style)", "force-balanced ideal")
-
-
 def build_strategies(num_gpus: int, num_experts: int, ep: int, replicas: int, history: np.ndarray,
                      gpus_per_node: int | None = None, allgather_ms: float = 0.0, schedule_ms: float | None = None,
                      seed: int = 0) -> list:
-    """The strategies of STRATEGY_NAMES for one group of F = d * EP GPUs (the LPLB-style one only
-    when F divides E)."""
+    """Vanilla EP, MicroEP (symmetric, random), EPLB-style, LPLB-style (only when F divides E) and
+    the force-balanced ideal, for one group of F = d * EP GPUs."""
     slots_per_gpu = num_experts // ep
     lp = dict(num_gpus=num_gpus, gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
     strategies = [
