@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bench, placement
-from .schedule import ReplicaScheduler, validate_holders, validate_tokens
+from .core import placement
+from .sim import bench
+from .core.loads import validate_counts
+from .core.placement import validate_holders
+from .core.schedule import ReplicaScheduler
 
 
 class InputError(ValueError):
@@ -69,7 +72,7 @@ def load_instance(data) -> tuple[tuple[tuple[int, ...], ...], np.ndarray, int, i
     if len({len(row) for row in tokens}) > 1:
         raise InputError("tokens: rows have different lengths")
     try:
-        tokens = validate_tokens(np.array(tokens), num_gpus, len(holders))
+        tokens = validate_counts(np.array(tokens), num_gpus, len(holders))
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     return holders, tokens, num_gpus, gpus_per_node
@@ -223,7 +226,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from . import training_report
+    from .training import report as training_report
 
     try:
         records = training_report.read_records(args.metrics)

@@ -9,9 +9,9 @@ config=${1:?usage: NODE_RANK=n MASTER_ADDR=host $0 CONFIG [--no-micro-ep] [Megat
 : "${NODE_RANK:?set NODE_RANK (0 .. nnodes-1) on every node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 py=${PYTHON:-$([ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3)}
 mode=(); if [ "${1:-}" = "--no-micro-ep" ]; then mode=(--no-micro-ep); shift; fi
-nproc=$("$py" -m micromoe_megatron.launch_config "$config" --field nproc_per_node)
-nnodes=${NNODES:-$("$py" -m micromoe_megatron.launch_config "$config" --field nnodes)}
-eval "config_args=($("$py" -m micromoe_megatron.launch_config "$config" "${mode[@]}"))"
+nproc=$("$py" -m micromoe_megatron.training.launch_config "$config" --field nproc_per_node)
+nnodes=${NNODES:-$("$py" -m micromoe_megatron.training.launch_config "$config" --field nnodes)}
+eval "config_args=($("$py" -m micromoe_megatron.training.launch_config "$config" "${mode[@]}"))"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 exec "$py" -m torch.distributed.run --nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" \
   --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}" \

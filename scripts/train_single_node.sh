@@ -7,8 +7,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 config=${1:?usage: $0 CONFIG [--no-micro-ep] [Megatron args...]}; shift
 py=${PYTHON:-$([ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3)}
 mode=(); if [ "${1:-}" = "--no-micro-ep" ]; then mode=(--no-micro-ep); shift; fi
-nproc=$("$py" -m micromoe_megatron.launch_config "$config" --field nproc_per_node)
-eval "config_args=($("$py" -m micromoe_megatron.launch_config "$config" "${mode[@]}"))"
+nproc=$("$py" -m micromoe_megatron.training.launch_config "$config" --field nproc_per_node)
+eval "config_args=($("$py" -m micromoe_megatron.training.launch_config "$config" "${mode[@]}"))"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$py" -m torch.distributed.run --nproc-per-node "$nproc" --master-addr 127.0.0.1 \
   --master-port "${MASTER_PORT:-29500}" "$repo/scripts/pretrain_gpt.py" "${config_args[@]}" "$@"

@@ -9,8 +9,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from micromoe_megatron.config import MicroEPConfig
-from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
+from micromoe_megatron.mcore.config import MicroEPConfig
+from micromoe_megatron.mcore.layer import MicroMoELayer, use_micro_ep
 
 HIDDEN, FFN, SEQ, BATCH = 16, 32, 8, 4
 
@@ -143,7 +143,7 @@ def plan_check_catches_disagreement(rank, world_size, *, num_experts=8, replicas
     """Make rank 1's scheduler return a different plan; every rank must raise PlanMismatchError."""
     import dataclasses
 
-    from micromoe_megatron.dispatcher import PlanMismatchError
+    from micromoe_megatron.mcore.dispatcher import PlanMismatchError
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
     spec = use_micro_ep(get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False),

@@ -33,12 +33,12 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
 
-    from micromoe_megatron import cpu_compat, megatron_fixes
+    from micromoe_megatron.mcore import cpu_compat, megatron_fixes
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)  # Megatron's INFO lines (buckets, configs) drown the test output
     warnings.simplefilter("ignore", FutureWarning)  # torch/megatron deprecation notices, not ours
-    cpu_compat.apply("pretrain")
+    cpu_compat.apply()
     megatron_fixes.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron.core import parallel_state

@@ -6,8 +6,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-from micromoe_megatron.config import LayoutError, MicroEPConfig
-from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
+from micromoe_megatron.mcore.config import LayoutError, MicroEPConfig
+from micromoe_megatron.mcore.layer import MicroMoELayer, use_micro_ep
 
 
 def test_local_layer_spec_gets_a_micro_moe_layer_and_the_original_is_untouched():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from micromoe_megatron.config import LayoutError, MicroEPConfig
-from micromoe_megatron.megatron_args import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
+from micromoe_megatron.mcore.config import LayoutError, MicroEPConfig
+from micromoe_megatron.training.flags import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
 
 # The Megatron flags the translation reads, at the values of a valid 8-rank EP = 2 launch.
 MEGATRON_DEFAULTS = dict(num_experts=8, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall",
@@ -42,8 +42,7 @@ def test_every_flag_reaches_the_config(tmp_path, monkeypatch):
                   "--micro-ep-check-replicas-interval", "10", "--micro-ep-metrics-file", "m.jsonl"])
     assert micro_ep_config_from_args(args) == MicroEPConfig(
         replicas=2, placement="custom", placement_seed=5, placement_file=str(placement), gpus_per_node=4,
-        solver_time_limit_ms=7.5, check_plans=True)
-    assert args.micro_ep_check_replicas_interval == 10 and args.micro_ep_metrics_file == "m.jsonl"
+        solver_time_limit_ms=7.5, check_plans=True, check_replicas_interval=10, metrics_file="m.jsonl")
 
 
 def test_gpus_per_node_defaults_to_torchrun_local_world_size(monkeypatch):
@@ -60,7 +59,7 @@ def test_layout_widens_megatron_expert_parallel_group():
 @pytest.mark.parametrize("argv, megatron, world, message", [
     (["--micro-ep", "0"], {}, 8, "--micro-ep must be >= 1"),
     (["--micro-ep", "2", "--micro-ep-placement", "custom"], {}, 8, "--micro-ep-placement-file"),
-    (["--micro-ep-placement", "random"], {}, 8, "need --micro-ep D"),
+    (["--micro-ep-placement", "random"], {}, 8, "needs --micro-ep D"),
     (["--micro-ep", "2", "--micro-ep-solver-time-limit-ms", "0"], {}, 8, "--micro-ep-solver-time-limit-ms"),
     (["--micro-ep", "2", "--micro-ep-check-replicas-interval", "-1"], {}, 8, "--micro-ep-check-replicas-interval"),
     (["--micro-ep", "2", "--micro-ep-gpus-per-node", "0"], {}, 8, "--micro-ep-gpus-per-node"),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from micromoe_megatron.launch_config import ConfigError, load_config, main as launch_config_main, pretrain_argv
-from micromoe_megatron.megatron_args import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
+from micromoe_megatron.training.launch_config import ConfigError, load_config, main as launch_config_main, pretrain_argv
+from micromoe_megatron.training.flags import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

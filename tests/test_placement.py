@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from micromoe_megatron import placement
+from micromoe_megatron.core import placement
 
 
 def neighbours(layout):

@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from micromoe_megatron import placement
-from micromoe_megatron.schedule import ReplicaScheduler, SolverFailure, holder_table, route_tokens
+from micromoe_megatron.core import placement
+from micromoe_megatron.core.placement import pad_holders
+from micromoe_megatron.core.routing import route_tokens
+from micromoe_megatron.core.schedule import ReplicaScheduler, SolverFailure
 
 
 def random_instance(rng, max_gpus=8):
@@ -96,7 +98,7 @@ def test_locality_first_then_same_node_then_remote():
     # Expert 0 on GPUs 0 and 3; nodes {0, 1} and {2, 3}.
     tokens = np.array([[4], [3], [5], [2]])
     quota = np.array([[6, 0, 0, 8]])
-    routes = route_tokens(tokens, quota, holder_table([(0, 3)]), gpus_per_node=2)
+    routes = route_tokens(tokens, quota, pad_holders([(0, 3)]), gpus_per_node=2)
     flows = {(s, d): c for s, _, d, c in routes.tolist()}
     assert flows[(0, 0)] == 4 and flows[(3, 3)] == 2          # local first
     assert flows[(1, 0)] == 2 and flows[(2, 3)] == 5          # then same node
@@ -209,7 +211,8 @@ def test_time_limit_gives_a_fallback_and_the_next_step_recovers():
     ([(0, 0)], [[1]], "listed twice"),
     ([(0,)], [[1, 2]], "tokens: expected shape"),
     ([(0,)], [[-1]], r"tokens\[0\]\[0\]: counts must be >= 0"),
-    ([(0,)], [[1.5]], "tokens: counts must be finite integers"),
+    ([(0,)], [[1.5]], "tokens: counts must be whole numbers"),
+    ([(0,), (0,)], [[2**62, 2**62]], "total must fit in int64"),
 ])
 def test_bad_instances_name_the_field(holders, tokens, message):
     with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ from micromoe_megatron.sim.counts import (
 from micromoe_megatron.sim.paper import PAPER_MODELS, bench_paper
 from micromoe_megatron.sim.simulate import simulate
 from micromoe_megatron.sim.strategies import ReplicaLP, StaticReplication, VanillaEP, eplb_holders
-from micromoe_megatron import placement
+from micromoe_megatron.core import placement
 
 SHAPE = PAPER_MODELS[0]                      # GPT 32x1.3B: EP 4, d = 2 -> groups of 8 GPUs
 FIXED_COST = CostModel(schedule_ms=0.5)      # deterministic: no wall-clock solve times

@@ -16,9 +16,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from micromoe_megatron.config import MicroEPConfig
-from micromoe_megatron.layer import MicroMoELayer, use_micro_ep
-from micromoe_megatron.replicas import ReplicaSync, check_replicas, replica_layers
+from micromoe_megatron.mcore.config import MicroEPConfig
+from micromoe_megatron.mcore.layer import MicroMoELayer, use_micro_ep
+from micromoe_megatron.mcore.replicas import ReplicaSync, check_replicas, replica_layers
 
 VOCAB, SEQ, MICRO_BATCH, NUM_EXPERTS, EP = 128, 16, 2, 8, 2
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import placement as placements
-from ..loads import max_over_mean
+from ..core import placement as placements
+from ..core.loads import max_over_mean
 from .counts import RoutingCounts, TraceError
 from .strategies import ReplicaLP, VanillaEP
 
@@ -88,7 +88,7 @@ def format_analysis(result: dict) -> str:
 
 def write_plots(result: dict, directory: str | Path, layer: int | None = None, step: int = 0) -> list[Path]:
     """Per-GPU load before/after for one (layer, micro-batch), and the imbalance distribution per layer."""
-    from ..plots import plot_imbalance_distribution, plot_load_per_gpu
+    from .plots import plot_imbalance_distribution, plot_load_per_gpu
 
     directory = Path(directory)
     layer = result["layers"][0]["layer"] if layer is None else layer

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import loads
+from ..core import loads
 
 FORMAT = "micromoe-counts-v1"
 SYNTHETIC_KINDS = ("zipf", "lognormal", "forced-bias", "gaussian")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import placement as placements
-from ..loads import max_over_mean
-from ..schedule import ReplicaScheduler
+from ..core import placement as placements
+from ..core.loads import max_over_mean
+from ..core.schedule import ReplicaScheduler
 
 
 @dataclass

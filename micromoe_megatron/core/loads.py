@@ -51,3 +51,28 @@ def multinomial_counts(probabilities: np.ndarray, assignments_per_gpu: int, num_
     are needed, e.g. scheduler timing.
     """
     return rng.multinomial(assignments_per_gpu, probabilities, size=num_gpus).astype(np.int64)
+
+
+def validate_counts(tokens, num_gpus: int, num_experts: int) -> np.ndarray:
+    """Check routing counts and return them as int64 ``[F, E]`` (the one check every reader uses).
+
+    Counts must be integers (floats only when integral), non-negative, and their total must fit in
+    int64. Raises ``ValueError`` naming the field.
+    """
+    array = np.asarray(tokens)
+    if array.shape != (num_gpus, num_experts):
+        raise ValueError(f"tokens: expected shape [num_gpus={num_gpus}, experts={num_experts}], "
+                         f"got {list(array.shape)}")
+    if array.dtype == object:  # e.g. JSON integers beyond int64
+        raise ValueError("tokens: counts must be integers below 2**63")
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ValueError("tokens: counts must be whole numbers (got a fractional or non-finite count)")
+    if array.size and array.min() < 0:
+        s, e = np.argwhere(array < 0)[0]
+        raise ValueError(f"tokens[{s}][{e}]: counts must be >= 0, got {array[s, e]}")
+    # A float total is exact enough to clear the common case; near the limit, sum exactly.
+    if array.size and float(array.sum(dtype=np.float64)) >= 2.0**62 and (
+            array.max() >= 2**63 or sum(int(v) for v in array.ravel().tolist()) >= 2**63):
+        raise ValueError("tokens: counts and their total must fit in int64 (< 2**63)")
+    return array.astype(np.int64, copy=False)

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from . import cpu_compat, megatron_fixes
+from ..mcore import cpu_compat, megatron_fixes
 
 
 def adapt_to_cpu(args) -> list[str]:
@@ -56,8 +56,8 @@ def parse_arguments(argv=None):
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables
 
-    from .config import LayoutError
-    from .megatron_args import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
+    from ..mcore.config import LayoutError
+    from .flags import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
@@ -79,7 +79,7 @@ def print_help() -> None:
     strings, --moe-paged-stash-buffer-size-factor-cuda, so it is not chained.)"""
     import argparse
 
-    from .megatron_args import add_micro_ep_args
+    from .flags import add_micro_ep_args
 
     parser = argparse.ArgumentParser(prog="torchrun ... scripts/pretrain_gpt.py",
                                      usage="%(prog)s <Megatron arguments> [--micro-ep D ...]",
@@ -221,22 +221,21 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     from megatron.training.models.gpt import default_layer_spec
     from megatron.training.utils import is_last_rank, print_rank_last
 
-    from .layer import use_micro_ep
+    from ..mcore.layer import use_micro_ep
     from .metrics import MetricsReporter
-    from .replicas import ReplicaSync
+    from ..mcore.replicas import ReplicaSync
 
     def micro_ep_layer_spec(config, vp_stage=None):
         return use_micro_ep(default_layer_spec(config, vp_stage), micro_ep)
 
-    report_path = getattr(args, "micro_ep_metrics_file", None)
-    reporter = MetricsReporter(args.num_layers, args.log_interval, report_path)
+    reporter = MetricsReporter(args.num_layers, args.log_interval, micro_ep.metrics_file)
 
     def report_metrics(model_chunks):
         iteration = getattr(args, "curr_iteration", 0) + 1
         reporter(model_chunks, iteration, writer=get_tensorboard_writer(), wandb_writer=get_wandb_writer(),
                  is_last_rank=is_last_rank(), print_fn=lambda text, flush=True: print_rank_last(text))
 
-    sync = ReplicaSync(check_every=args.micro_ep_check_replicas_interval, after_step=[report_metrics])
+    sync = ReplicaSync(check_every=micro_ep.check_replicas_interval, after_step=[report_metrics])
     model_cfg.transformer_layer_spec = micro_ep_layer_spec
     model_cfg.pre_wrap_hooks.append(sync.attach)
     model_cfg.transformer.finalize_model_grads_func = sync
@@ -245,7 +244,7 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
 def main(argv=None) -> None:
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         print_help()
-    cpu_compat.apply("pretrain")
+    cpu_compat.apply()
     megatron_fixes.apply()
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -5,9 +5,9 @@ Applied only when CUDA is absent (and ``MICROMOE_NO_CPU_COMPAT`` is unset); on a
 be switched off alone with ``MICROMOE_CPU_COMPAT_SKIP=P1a,P3`` to re-qualify a new megatron version.
 A patch whose target has vanished fails loudly instead of silently doing nothing.
 
-Tier "core" (megatron.core-level layers and tests): P1a, P1b, P1c, P2, P3.
-Tier "pretrain" (``megatron.training.pretrain`` and megatron's optimizers) adds P1d, P4, P5, P6,
-P7a/b/c. P8 (torch_dist saves without psutil) is not needed: psutil is a dependency. P9/P10 of the
+The patches: P1a, P1b, P1c, P2, P3 for megatron.core-level layers; P1d, P4, P5, P6, P7a/b/c for
+``megatron.training.pretrain`` and megatron's optimizers. ``apply()`` installs all of them (the
+launcher and the test ranks both need the whole set). P8 (torch_dist saves without psutil) is not needed: psutil is a dependency. P9/P10 of the
 notes are Megatron bugs on the no-Apex/TE optimizer path, not CPU shims: see megatron_fixes.py.
 """
 
@@ -252,17 +252,12 @@ def _require(module, name: str):
     return getattr(module, name)
 
 
-_CORE_PATCHES = {
+_PATCHES = {
     "P1a": _patch_p1a_current_device,
     "P1b": _patch_p1b_streams_and_events,
     "P1c": _patch_p1c_synchronize,
     "P2": _patch_p2_rng,
     "P3": _patch_p3_split_sizes_as_numpy,
-}
-
-
-_PRETRAIN_PATCHES = {
-    **_CORE_PATCHES,
     "P1d": _patch_p1d_device_bookkeeping,
     "P4": _patch_p4_initialize_without_cuda,
     "P5": _patch_p5_prebuilt_dataset_helpers,
@@ -270,20 +265,16 @@ _PRETRAIN_PATCHES = {
     "P7": _patch_p7_cuda_to_cpu_mode,
 }
 
-TIERS = {"core": _CORE_PATCHES, "pretrain": _PRETRAIN_PATCHES}
 
-
-def apply(tier: str = "core") -> list[str]:
-    """Apply a tier's patches once per process when CUDA is absent; returns the ids applied.
+def apply() -> list[str]:
+    """Apply the patches once per process when CUDA is absent; returns the ids applied.
 
     Call it before megatron builds anything (the launcher calls it first thing).
     """
-    if tier not in TIERS:
-        raise ValueError(f"cpu_compat tier must be one of {sorted(TIERS)}, got {tier!r}")
     if not needed():
         return []
     skipped = _skipped()
-    for patch_id, patch in TIERS[tier].items():
+    for patch_id, patch in _PATCHES.items():
         if patch_id not in skipped and patch_id not in _applied:
             patch()
             _applied.add(patch_id)

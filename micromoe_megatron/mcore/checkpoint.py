@@ -15,7 +15,7 @@ import dataclasses
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-from .replicas import SlotPeers
+from ..core.placement import SlotPeers
 
 
 @dataclasses.dataclass(frozen=True)

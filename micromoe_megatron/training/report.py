@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import plot_load_per_gpu
+from ..sim.plots import plot_load_per_gpu
 
 
 class ReportError(ValueError):

@@ -30,18 +30,56 @@ class PlacementError(ValueError):
 
 
 @dataclass(frozen=True)
-class Placement:
-    """A validated slot table.
+class SlotPeers:
+    """One rank's view of a placement: who else holds the experts in its slots.
 
     Attributes:
-        phy2log: int64 ``[F, L]``; ``phy2log[g, l]`` is the logical expert in slot ``l`` of GPU ``g``.
+        rank: this rank's index in the MicroEP group.
+        logical: ``[L]`` logical expert held in each slot (``phy2log[rank]``).
+        slot_holders: per slot, the ascending MicroEP ranks holding that slot's expert (this rank
+            included); the first one is the expert's canonical holder.
+    """
+
+    rank: int
+    logical: tuple[int, ...]
+    slot_holders: tuple[tuple[int, ...], ...]
+
+    def is_canonical(self, slot: int) -> bool:
+        return self.slot_holders[slot][0] == self.rank
+
+    def replica_index(self, slot: int) -> int:
+        """0 for the canonical holder, 1.. for the others (by MicroEP rank)."""
+        return self.slot_holders[slot].index(self.rank)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A validated slot table and the layout maps derived from it (the one source of them).
+
+    Attributes:
+        phy2log: int64 ``[F, L]``; ``phy2log[g, l]`` is the logical expert in slot ``l`` of GPU ``g``
+            (physical slot id ``p = g * L + l``).
         num_experts: ``E``, the number of logical experts; every expert has at least one holder.
+
+    Derived (read-only):
+        log2phy: int64 ``[E, D]`` physical slot ids of each expert's replicas, ascending, -1 padding
+            (``D`` = the largest replica count).
+        logcnt: int64 ``[E]`` replicas per expert.
+        expert_slot: int64 ``[E]`` the slot index every holder of ``e`` uses.
+        holder_table: int64 ``[E, D]`` the GPUs holding each expert, ascending, -1 padding
+            (``log2phy // L``).
+        holders: per expert, the tuple of GPUs holding it (``holder_table`` without padding).
+        replica_index: int64 ``[E, F]`` position of GPU ``g`` among ``e``'s holders, -1 if none.
     """
 
     phy2log: np.ndarray
     num_experts: int
-    holders: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
+    log2phy: np.ndarray = field(init=False, repr=False)
+    logcnt: np.ndarray = field(init=False, repr=False)
     expert_slot: np.ndarray = field(init=False, repr=False)
+    holder_table: np.ndarray = field(init=False, repr=False)
+    holders: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
+    replica_index: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         table = np.asarray(self.phy2log)
@@ -67,11 +105,19 @@ class Placement:
         missing = [e for e in range(self.num_experts) if not holders[e]]
         if missing:
             raise PlacementError(f"experts {missing[:8]} have no holder")
-        table.setflags(write=False)
-        expert_slot.setflags(write=False)
-        object.__setattr__(self, "phy2log", table)
+        num_gpus, slots = table.shape
+        logcnt = np.array([len(h) for h in holders], dtype=np.int64)
+        holder_table = pad_holders(holders)
+        replica_index = np.full((self.num_experts, num_gpus), -1, dtype=np.int64)
+        rows, columns = np.nonzero(holder_table >= 0)
+        replica_index[rows, holder_table[rows, columns]] = columns
+        log2phy = np.where(holder_table >= 0, holder_table * slots + expert_slot[:, None], -1)
+        derived = dict(phy2log=table, log2phy=log2phy, logcnt=logcnt, expert_slot=expert_slot,
+                       holder_table=holder_table, replica_index=replica_index)
+        for name, value in derived.items():
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "holders", tuple(tuple(h) for h in holders))
-        object.__setattr__(self, "expert_slot", expert_slot)
 
     @property
     def num_gpus(self) -> int:
@@ -81,10 +127,10 @@ class Placement:
     def slots_per_gpu(self) -> int:
         return int(self.phy2log.shape[1])
 
-    @property
-    def logcnt(self) -> np.ndarray:
-        """int64 ``[E]``: replicas per logical expert."""
-        return np.array([len(h) for h in self.holders], dtype=np.int64)
+    def slot_peers(self, rank: int) -> SlotPeers:
+        """The holders of each of ``rank``'s slots (replica sync and checkpoint mapping use this)."""
+        logical = tuple(int(e) for e in self.phy2log[rank])
+        return SlotPeers(rank, logical, tuple(self.holders[e] for e in logical))
 
     def to_json(self) -> dict:
         return {"num_gpus": self.num_gpus, "num_experts": self.num_experts,
@@ -296,3 +342,42 @@ def max_induced_density(holders, load, num_gpus: int) -> float:
     for g in range(num_gpus):
         sizes += (subsets >> g) & 1
     return float((inside / sizes).max())
+
+
+def validate_holders(holders, num_gpus: int) -> tuple[tuple[int, ...], ...]:
+    """Check per-expert holder lists; raises ``ValueError`` naming the offending field."""
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+    holders = tuple(tuple(int(g) for g in h) for h in holders)
+    for e, gpus in enumerate(holders):
+        if not gpus:
+            raise ValueError(f"holders[{e}]: expert {e} has no holder")
+        if any(g < 0 or g >= num_gpus for g in gpus):
+            raise ValueError(f"holders[{e}]: GPU ids must lie in [0, {num_gpus}), got {list(gpus)}")
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"holders[{e}]: a GPU is listed twice: {list(gpus)}")
+    return holders
+
+
+def pad_holders(holders) -> np.ndarray:
+    """Pad per-expert holder lists into int64 ``[E, d_max]``, holders ascending, -1 as padding."""
+    width = max(len(h) for h in holders)
+    table = np.full((len(holders), width), -1, dtype=np.int64)
+    for e, gpus in enumerate(holders):
+        table[e, :len(gpus)] = sorted(gpus)
+    return table
+
+
+def vanilla_ep_load(tokens: np.ndarray, ep: int) -> np.ndarray:
+    """GPU loads ``[F]`` if the MicroEP group ran as ``d = F / EP`` separate vanilla EP groups.
+
+    GPU ``g`` is position ``g % EP`` of EP group ``g // EP`` and holds experts
+    ``[(g % EP) * L, (g % EP + 1) * L)``; it receives those experts' tokens from its own EP group.
+
+    Args:
+        tokens: int ``[F, E]`` tokens per (source GPU, logical expert).
+        ep: the vanilla expert-parallel size (divides F and E).
+    """
+    num_gpus, num_experts = tokens.shape
+    groups = tokens.reshape(num_gpus // ep, ep, ep, num_experts // ep)  # [group, src pos, dst pos, L]
+    return groups.sum(axis=(1, 3)).reshape(num_gpus)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loads import max_over_mean
+from ..core.loads import max_over_mean
 
 
 def _pyplot():

@@ -29,9 +29,10 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from .config import MicroEPConfig
-from .loads import max_over_mean
-from .placement import Placement
-from .schedule import ReplicaScheduler, SchedulePlan, holder_table, vanilla_ep_load
+from ..core.loads import max_over_mean
+from ..core.placement import Placement
+from ..core.placement import vanilla_ep_load
+from ..core.schedule import ReplicaScheduler, SchedulePlan
 
 
 class PlanMismatchError(RuntimeError):
@@ -106,11 +107,6 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         self.stats = MicroEPStats()
         self.plan_count = 0
         self.last_plan: SchedulePlan | None = None
-        self._holders = holder_table(placement.holders)                        # [E, D]
-        # holder_position[e, g]: index of GPU g among expert e's holders (-1 if it holds none).
-        self._holder_position = np.full((placement.num_experts, placement.num_gpus), -1, dtype=np.int64)
-        rows, cols = np.nonzero(self._holders >= 0)
-        self._holder_position[rows, self._holders[rows, cols]] = cols
         self._plans: OrderedDict[bytes, SchedulePlan] = OrderedDict()
         self._device_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
@@ -154,9 +150,9 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         if device not in self._device_tables:
             layout = self.placement
             self._device_tables[device] = (
-                torch.as_tensor(self._holders, device=device),
-                torch.as_tensor(np.array(layout.expert_slot), device=device),
-                torch.as_tensor(np.array(layout.phy2log).ravel(), device=device),
+                torch.as_tensor(layout.holder_table, device=device),
+                torch.as_tensor(layout.expert_slot, device=device),
+                torch.as_tensor(layout.phy2log.ravel(), device=device),
             )
         return self._device_tables[device]
 
@@ -169,12 +165,12 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         the plan sends there), then to the next, and so on.
         """
         holders, expert_slot, log_of_phys = self._tables(routing_map.device)
-        num_experts, num_holders = self._holders.shape
+        num_experts, num_holders = self.placement.holder_table.shape
         me = self.ep_rank
         routes = plan.routes
         mine = routes[np.searchsorted(routes[:, 0], me, "left"):np.searchsorted(routes[:, 0], me, "right")]
         split = np.zeros((num_experts, num_holders), dtype=np.int64)  # this rank's tokens per holder
-        split[mine[:, 1], self._holder_position[mine[:, 1], mine[:, 2]]] = mine[:, 3]
+        split[mine[:, 1], self.placement.replica_index[mine[:, 1], mine[:, 2]]] = mine[:, 3]
         boundaries = torch.as_tensor(np.cumsum(split, axis=1), device=routing_map.device)  # [E, D]
 
         order_in_expert = torch.cumsum(routing_map.to(torch.int64), dim=0) - 1              # [T, E]
@@ -204,7 +200,7 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
     def physical_counts(self, plan: SchedulePlan) -> np.ndarray:
         """int64 ``[F, F * L]``: tokens each rank sends to each physical slot under ``plan``."""
         routes = plan.routes
-        slot = routes[:, 2] * self.num_local_experts + np.asarray(self.placement.expert_slot)[routes[:, 1]]
+        slot = routes[:, 2] * self.num_local_experts + self.placement.expert_slot[routes[:, 1]]
         counts = np.zeros((self.ep_size, self.ep_size * self.num_local_experts), dtype=np.int64)
         np.add.at(counts, (routes[:, 0], slot), routes[:, 3])
         return counts

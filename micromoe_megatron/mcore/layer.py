@@ -18,8 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from .checkpoint import LogicalExpertMap, logical_expert_state_dict
 from .config import LayoutError, MicroEPConfig
 from .dispatcher import MicroEPDispatcher
-from .placement import make_placement
-from .replicas import SlotPeers
+from ..core.placement import make_placement
 
 
 class MicroMoELayer(MoELayer):
@@ -69,7 +68,7 @@ class MicroMoELayer(MoELayer):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         mapping = LogicalExpertMap(
             expert_axis=len(sharded_offsets), num_slots=self.num_local_experts,
-            peers=SlotPeers.from_placement(self.placement, self.token_dispatcher.ep_rank),
+            peers=self.placement.slot_peers(self.token_dispatcher.ep_rank),
             num_logical=self.logical_config.num_moe_experts, replicas=self.micro_ep.replicas)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         return logical_expert_state_dict(state, f"{prefix}experts.", mapping, singleton)

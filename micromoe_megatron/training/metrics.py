@@ -20,15 +20,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .loads import max_over_mean
-from .replicas import collective_device
+from ..core.loads import max_over_mean
+from ..mcore.replicas import collective_device
 
 # Per-layer columns of the reporter's table (means over the steps since the last report).
 COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks")
 
 
 def micro_ep_layers(model_chunks) -> list:
-    from .layer import MicroMoELayer
+    from ..mcore.layer import MicroMoELayer
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MicroMoELayer)]

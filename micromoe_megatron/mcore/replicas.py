@@ -28,40 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .placement import Placement
+from ..core.placement import Placement, SlotPeers
+from .layer import MicroMoELayer
 
 
 class ReplicaMismatchError(RuntimeError):
     """Replicas of a logical expert are no longer identical (checked by ``check_replicas``)."""
-
-
-@dataclass(frozen=True)
-class SlotPeers:
-    """Who else in the MicroEP group holds this rank's slots.
-
-    Attributes:
-        rank: this rank's index in the MicroEP group.
-        logical: [L] logical expert held in each slot.
-        holders: per slot, the sorted MicroEP ranks holding that slot's expert (this rank included).
-    """
-
-    rank: int
-    logical: tuple[int, ...]
-    holders: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def from_placement(cls, placement: Placement, rank: int) -> "SlotPeers":
-        phy2log = placement.phy2log
-        logical = tuple(int(e) for e in phy2log[rank])
-        holders = tuple(tuple(int(g) for g in np.flatnonzero(phy2log[:, j] == e)) for j, e in enumerate(logical))
-        return cls(rank, logical, holders)
-
-    def is_canonical(self, slot: int) -> bool:
-        return self.holders[slot][0] == self.rank
-
-    def replica_index(self, slot: int) -> int:
-        """0 for the canonical holder, 1.. for the others (by MicroEP rank)."""
-        return self.holders[slot].index(self.rank)
 
 
 def slot_parameters(experts: torch.nn.Module, num_slots: int) -> list[list[torch.nn.Parameter]]:
@@ -93,7 +65,7 @@ def _exchange(tensors_per_slot: list[torch.Tensor], peers: SlotPeers, group) -> 
         [L] dicts MicroEP rank -> that holder's tensor (this rank's own included).
     """
     world = dist.get_world_size(group)
-    send_order = [[j for j in range(len(peers.logical)) if g in peers.holders[j] and g != peers.rank]
+    send_order = [[j for j in range(len(peers.logical)) if g in peers.slot_holders[j] and g != peers.rank]
                   for g in range(world)]
     sizes = [[tensors_per_slot[j].numel() for j in slots] for slots in send_order]
     splits = [sum(s) for s in sizes]
@@ -130,26 +102,24 @@ class ReplicaLayer:
     peers: SlotPeers
     slots: list[list[torch.nn.Parameter]]
     group: object
-    phy2log: np.ndarray  # [F, L], the layer's placement
+    placement: Placement
 
     @property
     def replicated(self) -> bool:
-        return any(len(h) > 1 for h in self.peers.holders)
+        return any(len(h) > 1 for h in self.peers.slot_holders)
 
 
 def replica_layers(model_chunks) -> list[ReplicaLayer]:
     """Every MicroMoELayer in the model chunks (DDP/Float16Module wrappers are fine)."""
-    from .layer import MicroMoELayer
-
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     layers = []
     for chunk in chunks:
         for name, module in chunk.named_modules():
             if isinstance(module, MicroMoELayer):
                 group = module.token_dispatcher.ep_group
-                peers = SlotPeers.from_placement(module.placement, dist.get_rank(group))
+                peers = module.placement.slot_peers(dist.get_rank(group))
                 layers.append(ReplicaLayer(name, peers, slot_parameters(module.experts, module.num_local_experts),
-                                           group, np.asarray(module.placement.phy2log)))
+                                           group, module.placement))
     return layers
 
 
@@ -208,7 +178,7 @@ def broadcast_replicas(layers: list[ReplicaLayer]) -> None:
     """
     for layer in layers:
         slots = [_flat([p.data for p in params]) for params in layer.slots]
-        fetched = _fetch(slots, layer.phy2log, vanilla_source(len(layer.slots)), layer.peers.rank, layer.group)
+        fetched = _fetch(slots, layer.placement.phy2log, vanilla_source(len(layer.slots)), layer.peers.rank, layer.group)
         for params, values in zip(layer.slots, fetched):
             _unflatten_into(values, [p.data for p in params])
 
@@ -243,7 +213,7 @@ def sum_replica_grads(layers: list[ReplicaLayer]) -> None:
                                "call it after backward (it is installed as finalize_model_grads_func)")
         copies = _exchange([_flat(slot) for slot in grads], layer.peers, layer.group)
         for j, slot in enumerate(grads):
-            holders = layer.peers.holders[j]
+            holders = layer.peers.slot_holders[j]
             if len(holders) == 1:
                 continue
             total = copies[j][holders[0]].clone()

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from . import loads, placement
-from .schedule import ReplicaScheduler
+from ..core import loads, placement
+from ..core.schedule import ReplicaScheduler
 
 SCHEDULE_SHAPES = ((8, 32, 2), (16, 64, 2), (64, 256, 2), (64, 256, 4))
 BALANCE_SKEWS = (0.0, 0.5, 0.9, 1.2, 1.5, 2.0)

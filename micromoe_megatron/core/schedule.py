@@ -28,6 +28,10 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
+from .loads import validate_counts
+from .placement import pad_holders, validate_holders
+from .routing import route_tokens
+
 # t* is a ratio (integer load) / (subset size <= F), so it lies at least 1/F from any integer it is
 # not equal to; this tolerance only absorbs floating-point noise of the simplex.
 _OPTIMUM_TOLERANCE = 1e-6
@@ -116,37 +120,6 @@ def _quiet_stdout():
         os.close(fd)
 
 
-def validate_holders(holders, num_gpus: int) -> tuple[tuple[int, ...], ...]:
-    """Check per-expert holder lists; raises ``ValueError`` naming the offending field."""
-    if num_gpus < 1:
-        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
-    holders = tuple(tuple(int(g) for g in h) for h in holders)
-    for e, gpus in enumerate(holders):
-        if not gpus:
-            raise ValueError(f"holders[{e}]: expert {e} has no holder")
-        if any(g < 0 or g >= num_gpus for g in gpus):
-            raise ValueError(f"holders[{e}]: GPU ids must lie in [0, {num_gpus}), got {list(gpus)}")
-        if len(set(gpus)) != len(gpus):
-            raise ValueError(f"holders[{e}]: a GPU is listed twice: {list(gpus)}")
-    return holders
-
-
-def validate_tokens(tokens, num_gpus: int, num_experts: int) -> np.ndarray:
-    """Check token counts and return them as int64 ``[F, E]``; raises ``ValueError`` naming the field."""
-    array = np.asarray(tokens)
-    if array.shape != (num_gpus, num_experts):
-        raise ValueError(f"tokens: expected shape [num_gpus={num_gpus}, experts={num_experts}], "
-                         f"got {list(array.shape)}")
-    if not np.issubdtype(array.dtype, np.integer):
-        if array.dtype == object or not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise ValueError("tokens: counts must be finite integers")
-    array = array.astype(np.int64, copy=False)
-    if array.size and array.min() < 0:
-        s, e = np.argwhere(array < 0)[0]
-        raise ValueError(f"tokens[{s}][{e}]: counts must be >= 0, got {array[s, e]}")
-    return array
-
-
 class ReplicaScheduler:
     """Plans one MoE layer's micro-batches for a fixed placement (one instance per layer).
 
@@ -175,7 +148,7 @@ class ReplicaScheduler:
         # LP column c is x[col_expert[c], col_gpu[c]], expert-major; the last column is t.
         self.col_expert = np.repeat(np.arange(self.num_experts), [len(h) for h in self.holders])
         self.col_gpu = np.array([g for h in self.holders for g in h], dtype=np.int64)
-        self._holder_table = holder_table(self.holders)
+        self._holder_table = pad_holders(self.holders)
         self.needs_lp = any(len(h) > 1 for h in self.holders)
         self._highs = self._build_lp() if self.needs_lp else None
 
@@ -228,7 +201,7 @@ class ReplicaScheduler:
     def plan(self, tokens) -> SchedulePlan:
         """Plan one micro-batch. ``tokens`` is int ``[F, E]``; never raises on solver trouble."""
         start = time.perf_counter()
-        tokens = validate_tokens(tokens, self.num_gpus, self.num_experts)
+        tokens = validate_counts(tokens, self.num_gpus, self.num_experts)
         load = tokens.sum(axis=0)
         fallback_reason = ""
         if not self.needs_lp:
@@ -335,136 +308,3 @@ class ReplicaScheduler:
                 quota[e, h] += amount
             gpu_load[source] -= amount
             gpu_load[target] += amount
-
-
-# -------------------------------------------------------------------- routing
-
-
-def holder_table(holders) -> np.ndarray:
-    """Pad per-expert holder lists into int64 ``[E, d_max]``, holders ascending, -1 as padding."""
-    width = max(len(h) for h in holders)
-    table = np.full((len(holders), width), -1, dtype=np.int64)
-    for e, gpus in enumerate(holders):
-        table[e, :len(gpus)] = sorted(gpus)
-    return table
-
-
-def _sequential_fill(supply, demand, group_size, holder_group):
-    """Pair supply with demand in order, as ranges, inside groups (paper Algorithm 1's inner loop).
-
-    Args:
-        supply: int ``[E, F]`` tokens per (expert, source GPU), filled in source order.
-        demand: int ``[E, D]`` quota per (expert, holder), filled in holder order.
-        group_size: sources form groups of this many consecutive GPUs (a node, or all F).
-        holder_group: int ``[E, D]`` group of each holder (-1 for padding, never matched).
-
-    Returns:
-        int ``[D, E, F]`` tokens of expert e sent from source s to holder j. In each group,
-        min(group supply, group demand) tokens are matched: the first supply units to the first
-        demand units.
-    """
-    num_experts, num_gpus = supply.shape
-    num_groups, num_holders = num_gpus // group_size, demand.shape[1]
-    experts = np.arange(num_experts)
-    # Each source's range [before, after) on its (expert, group)'s supply axis.
-    blocks = supply.reshape(num_experts, num_groups, group_size)
-    supply_after = np.cumsum(blocks, axis=2)
-    group_supply = supply_after[:, :, -1]                               # [E, G]
-    supply_after = supply_after.reshape(num_experts, num_gpus)
-    supply_before = supply_after - supply
-    # Each holder's range on its group's demand axis (D is tiny: plain loops).
-    demand_before = np.zeros_like(demand)
-    group_demand = np.zeros((num_experts, num_groups), dtype=demand.dtype)
-    for j in range(num_holders):
-        for k in range(j):
-            demand_before[:, j] += np.where(holder_group[:, k] == holder_group[:, j], demand[:, k], 0)
-        in_group = holder_group[:, j] >= 0
-        np.add.at(group_demand, (experts[in_group], holder_group[in_group, j]), demand[in_group, j])
-    matched = np.minimum(group_supply, group_demand)
-    source_group = np.arange(num_gpus) // group_size
-    routed = np.empty((num_holders, num_experts, num_gpus), dtype=supply.dtype)
-    for j in range(num_holders):
-        group = holder_group[:, j]
-        limit = np.where(group >= 0, matched[experts, np.maximum(group, 0)], 0)
-        end = np.minimum(demand_before[:, j] + demand[:, j], limit)[:, None]
-        out = routed[j]  # overlap of the source's range with the holder's range
-        np.minimum(supply_after, end, out=out)
-        out -= np.maximum(supply_before, demand_before[:, j, None])
-        np.maximum(out, 0, out=out)
-        if num_groups > 1:
-            out *= source_group[None, :] == group[:, None]
-    return routed
-
-
-def route_tokens(tokens: np.ndarray, quota: np.ndarray, holders: np.ndarray,
-                 gpus_per_node: int | None = None) -> np.ndarray:
-    """Turn quotas into routes: local tokens first, then same node, then remote (Algorithm 1).
-
-    Inside a tier, each expert's remaining tokens are lined up by source GPU and its remaining
-    quota by holder GPU, both ascending, and paired in that order as ranges.
-
-    Args:
-        tokens: int ``[F, E]`` tokens per (source GPU, expert).
-        quota: int ``[E, F]`` tokens per (expert, processing GPU), 0 off holders; row sums equal
-            column sums of ``tokens``.
-        holders: int ``[E, D]`` from ``holder_table`` (ascending GPUs, -1 padding).
-        gpus_per_node: GPUs per node (nodes are contiguous rank blocks, F a multiple of it);
-            None = one node.
-
-    Returns:
-        int64 ``[R, 4]`` rows ``(src, expert, dst, count)`` sorted by (src, expert, dst), counts > 0.
-    """
-    num_gpus, num_experts = tokens.shape
-    supply = np.array(tokens.T, dtype=np.int64, order="C")              # [E, F], a copy
-    if not np.array_equal(supply.sum(axis=1), quota.sum(axis=1)):
-        raise ValueError("quota does not cover the tokens: row sums of quota must equal expert loads")
-    valid = holders >= 0
-    holder_gpu = np.where(valid, holders, 0)
-    demand = np.where(valid, np.take_along_axis(quota, holder_gpu, axis=1), 0)  # [E, D]
-    experts = np.arange(num_experts)[:, None]
-
-    # Tier 1, local: a holder first processes the tokens that are already on it.
-    # Routed tokens are kept as [holder index j, expert, source] so sums over j stay contiguous.
-    local = np.where(valid, np.minimum(supply[experts, holder_gpu], demand), 0)
-    routed = np.zeros((holders.shape[1], num_experts, num_gpus), dtype=np.int64)
-    expert_of, slot_of = np.nonzero(valid)  # real holders only: padding would repeat (e, GPU 0)
-    routed[slot_of, expert_of, holder_gpu[expert_of, slot_of]] = local[expert_of, slot_of]
-    supply[expert_of, holder_gpu[expert_of, slot_of]] -= local[expert_of, slot_of]
-    demand = demand - local
-    # Tier 2, same node (only when there are several nodes); tier 3, anywhere.
-    tiers = [(num_gpus, np.where(valid, 0, -1))]
-    if gpus_per_node and gpus_per_node < num_gpus:
-        tiers.insert(0, (gpus_per_node, np.where(valid, holder_gpu // gpus_per_node, -1)))
-    for tier, (group_size, holder_group) in enumerate(tiers):
-        step = _sequential_fill(supply, demand, group_size, holder_group)
-        routed += step
-        if tier < len(tiers) - 1:
-            supply -= step.sum(axis=0)
-            demand -= step.sum(axis=2).T
-    if routed.sum() != tokens.sum():
-        raise ValueError("routing lost tokens: quota must be 0 off the holders")
-
-    # [src, expert, holder] order: nonzero entries come out sorted by (src, expert, dst).
-    by_source = np.ascontiguousarray(routed.transpose(2, 1, 0))
-    flat = np.flatnonzero(by_source)
-    routes = np.empty((flat.size, 4), dtype=np.int64)
-    routes[:, 0], expert_slot = np.divmod(flat, holder_gpu.size)
-    routes[:, 1] = expert_slot // holders.shape[1]
-    routes[:, 2] = holder_gpu.ravel()[expert_slot]
-    routes[:, 3] = by_source.ravel()[flat]
-    return routes
-
-
-def vanilla_ep_load(tokens: np.ndarray, ep: int) -> np.ndarray:
-    """GPU loads ``[F]`` if the MicroEP group ran as ``d = F / EP`` separate vanilla EP groups.
-
-    GPU ``g`` is position ``g % EP`` of EP group ``g // EP`` and holds experts
-    ``[(g % EP) * L, (g % EP + 1) * L)``; it receives those experts' tokens from its own EP group.
-
-    Args:
-        tokens: int ``[F, E]`` tokens per (source GPU, logical expert).
-        ep: the vanilla expert-parallel size (divides F and E).
-    """
-    num_gpus, num_experts = tokens.shape
-    groups = tokens.reshape(num_gpus // ep, ep, ep, num_experts // ep)  # [group, src pos, dst pos, L]
-    return groups.sum(axis=(1, 3)).reshape(num_gpus)

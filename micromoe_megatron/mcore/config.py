@@ -1,0 +1,111 @@
+"""MicroEPConfig: every plugin setting, with its flag, doc, default and check in one place.
+
+Each field carries its command-line flag in ``metadata`` (``flag``, ``help``, optionally
+``metavar`` and ``choices``); ``training/flags.py`` generates the ``--micro-ep*`` flags from these
+fields, so flags and settings cannot drift apart. ``__post_init__`` checks every field and names
+the flag in its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.placement import PLACEMENT_KINDS
+
+
+class LayoutError(ValueError):
+    """A MicroEP setting does not fit the parallel layout; the message names the flag and the fix."""
+
+
+def _setting(default, flag: str, help: str, **argparse_options):
+    """A config field with its command-line flag (``flag``) and argparse options in ``metadata``."""
+    return field(default=default, metadata=dict(flag=flag, help=help, **argparse_options))
+
+
+@dataclass(frozen=True)
+class MicroEPConfig:
+    """MicroEP settings (one field per ``--micro-ep*`` flag; see each field's ``help``)."""
+
+    replicas: int = _setting(1, "--micro-ep", metavar="D", help=(
+        "merge D expert-parallel groups into one MicroEP group and balance every micro-batch across the D "
+        "replicas of each expert (off when absent; 1 behaves exactly like vanilla EP)"))
+    placement: str = _setting("symmetric", "--micro-ep-placement", choices=PLACEMENT_KINDS, help=(
+        "which experts share GPUs: symmetric (well-connected graph, default), random, or custom "
+        "(--micro-ep-placement-file)"))
+    placement_seed: int = _setting(0, "--micro-ep-placement-seed", help="seed of the random placement")
+    placement_file: str | None = _setting(None, "--micro-ep-placement-file", metavar="PATH",
+                                          help="phy2log JSON for --micro-ep-placement custom")
+    gpus_per_node: int | None = _setting(None, "--micro-ep-gpus-per-node", metavar="N", help=(
+        "GPUs per node, for same-node-first routing (default: torchrun's LOCAL_WORLD_SIZE)"))
+    solver_time_limit_ms: float = _setting(50.0, "--micro-ep-solver-time-limit-ms", metavar="MS", help=(
+        "HiGHS time limit per solve; past it a fallback plan is used and counted"))
+    check_plans: bool = _setting(False, "--micro-ep-check-plans", help=(
+        "debug: check every plan is identical on all ranks of the MicroEP group"))
+    check_replicas_interval: int = _setting(100, "--micro-ep-check-replicas-interval", metavar="N", help=(
+        "verify every N steps that expert replicas are bit-identical (0 = never)"))
+    metrics_file: str | None = _setting(None, "--micro-ep-metrics-file", metavar="PATH", help=(
+        "also append each log interval's MicroEP metrics (per layer, per-GPU loads) to this JSON-lines file"))
+    plan_cache_size: int = field(default=64, metadata=dict(help=(
+        "plans kept per layer so a recomputed forward reuses the exact plan (no flag)")))
+
+    def __post_init__(self) -> None:
+        def at_least(name: str, minimum):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+                raise LayoutError(f"{flag_of(name)} must be >= {minimum}, got {value!r}")
+
+        at_least("replicas", 1)
+        at_least("placement_seed", 0)
+        at_least("check_replicas_interval", 0)
+        at_least("plan_cache_size", 1)
+        if self.gpus_per_node is not None:
+            at_least("gpus_per_node", 1)
+        if self.placement not in PLACEMENT_KINDS:
+            raise LayoutError(f"--micro-ep-placement {self.placement!r} is unknown; choose one of "
+                              f"{', '.join(PLACEMENT_KINDS)}")
+        if self.placement == "custom" and not (self.placement_file and Path(self.placement_file).is_file()):
+            raise LayoutError("--micro-ep-placement custom needs --micro-ep-placement-file pointing to a "
+                              f"phy2log JSON file (got {self.placement_file!r})")
+        if self.placement != "custom" and self.placement_file:
+            raise LayoutError("--micro-ep-placement-file is only read with --micro-ep-placement custom")
+        if not self.solver_time_limit_ms > 0:
+            raise LayoutError(f"--micro-ep-solver-time-limit-ms must be > 0, got {self.solver_time_limit_ms}")
+
+    def validate_layout(self, num_experts: int, micro_ep_size: int, world_expert_dp: int | None = None,
+                        expert_tp: int = 1) -> int:
+        """Check the layout and return the vanilla EP size ``F / d``.
+
+        Args:
+            num_experts: E, logical experts (``--num-experts``).
+            micro_ep_size: F, Megatron's expert-parallel group size, which MicroEP uses as its group.
+            world_expert_dp: the expert-data-parallel size without MicroEP (``d * EDP``), if known.
+            expert_tp: expert tensor-parallel size.
+        """
+        d = self.replicas
+        if expert_tp != 1:
+            raise LayoutError(f"--expert-tensor-parallel-size {expert_tp} is not supported with --micro-ep; "
+                              "use 1")
+        if micro_ep_size % d:
+            raise LayoutError(f"--micro-ep {d} must divide the MicroEP group size {micro_ep_size} "
+                              "(= micro-ep x expert-model-parallel-size)")
+        ep = micro_ep_size // d
+        if num_experts % ep:
+            raise LayoutError(f"--num-experts {num_experts} must be divisible by the expert-parallel size {ep}")
+        if world_expert_dp is not None and world_expert_dp % d:
+            raise LayoutError(f"--micro-ep {d} must divide the expert data-parallel size {world_expert_dp}; "
+                              "choose a divisor or raise data parallelism")
+        if self.gpus_per_node is not None and self.gpus_per_node < micro_ep_size \
+                and micro_ep_size % self.gpus_per_node:
+            raise LayoutError(f"--micro-ep-gpus-per-node {self.gpus_per_node} must divide the MicroEP group "
+                              f"size {micro_ep_size} (or be >= it): nodes are contiguous blocks of ranks")
+        return ep
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a MicroEPConfig field (the field name for settings without one)."""
+    return MICRO_EP_FIELDS[name].metadata.get("flag", name)
+
+
+MICRO_EP_FIELDS = {f.name: f for f in dataclasses.fields(MicroEPConfig)}
