@@ -57,10 +57,11 @@ class MicroEPStats:
     load_before: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     load_after: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def record(self, plan: SchedulePlan, load_before: np.ndarray) -> None:
+    def record(self, plan: SchedulePlan, load_before: np.ndarray, cached: bool = False) -> None:
+        """Count one micro-batch; a ``cached`` plan (reused, not solved) adds no schedule time or fallback."""
         self.steps += 1
-        self.fallbacks += int(plan.fallback)
-        self.schedule_ms_total += plan.schedule_ms
+        self.fallbacks += int(plan.fallback and not cached)
+        self.schedule_ms_total += 0.0 if cached else plan.schedule_ms
         self.remote_tokens += plan.remote_tokens
         self.tokens += int(load_before.sum())
         self.imbalance_before_total += max_over_mean(load_before)
@@ -118,6 +119,9 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
+            # A new micro-batch with the same counts is counted; a recompute inside backward is not.
+            if torch._C._current_graph_task_id() == -1:
+                self.stats.record(plan, vanilla_ep_load(tokens, self.vanilla_ep), cached=True)
             return plan
         plan = self.scheduler.plan(tokens)
         self.plan_count += 1

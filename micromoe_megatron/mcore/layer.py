@@ -59,6 +59,11 @@ class MicroMoELayer(MoELayer):
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron numbers MoE layers after building them; the dispatcher's errors and logs use it."""
+        super().set_layer_number(layer_number)
+        self.token_dispatcher.layer_number = layer_number
+
     @property
     def micro_ep_stats(self):
         return self.token_dispatcher.stats
