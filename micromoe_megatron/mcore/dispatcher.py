@@ -154,9 +154,9 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         if device not in self._device_tables:
             layout = self.placement
             self._device_tables[device] = (
-                torch.as_tensor(layout.holder_table, device=device),
-                torch.as_tensor(layout.expert_slot, device=device),
-                torch.as_tensor(layout.phy2log.ravel(), device=device),
+                torch.tensor(layout.holder_table, device=device),  # copies: Placement's arrays are read-only
+                torch.tensor(layout.expert_slot, device=device),
+                torch.tensor(layout.phy2log.ravel(), device=device),
             )
         return self._device_tables[device]
 
