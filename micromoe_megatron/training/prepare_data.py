@@ -303,4 +303,7 @@ def format_result(result: PrepareResult) -> str:
     if result.skipped_empty:
         lines.append(f"  skipped {len(result.skipped_empty)} empty files")
     lines.append(f"  train with: {shlex.join(result.megatron_args)}")
+    if result.documents < 500:  # round(0.999 * N) == N: Megatron's default --split 969,30,1 gives an empty test split
+        lines.append("  few documents: also pass --split 100,0,0 (or larger eval shares); megatron-core 0.19.2 "
+                     "hangs building an empty test split")
     return "\n".join(lines)
