@@ -96,7 +96,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "keys.jsonl").write_text('{"body": "a"}\n')
     inputs = {"missing": ["missing.txt"], "empty": ["ok.txt", "empty.txt"], "latin1": ["latin1.txt"],
-              "tokenizer": ["ok.txt"], "bad-jsonl": ["bad.jsonl"], "json-key": ["keys.jsonl"], "vocab": ["ok.txt"]}[case]
+              "tokenizer": ["ok.txt"], "bad-jsonl": ["bad.jsonl"], "json-key": ["keys.jsonl"],
+              "vocab": ["ok.txt"]}[case]
     argv = ["prepare-data", *(str(tmp_path / name) for name in inputs), "--output-prefix", str(tmp_path / "out" / "d"),
             "--json"]
     argv += {"tokenizer": ["--tokenizer", str(tmp_path / "nope")], "vocab": ["--vocab-size", "100"]}.get(case, [])
@@ -104,7 +105,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("micromoe prepare-data: error: ")
     assert message.format(tmp=tmp_path) in err
-    assert not list((tmp_path / "out").glob("d*")) if (tmp_path / "out").exists() else True  # nothing half-written
+    assert not list(tmp_path.glob("out/d*"))  # nothing half-written
 
 
 def test_empty_files_inside_a_directory_are_skipped_not_fatal(tmp_path):
@@ -118,16 +119,33 @@ def test_empty_files_inside_a_directory_are_skipped_not_fatal(tmp_path):
         prepare([str(tmp_path / "c")], str(tmp_path / "d"), pattern="*.rs")
 
 
+def test_launcher_names_the_missing_data_flags():
+    from types import SimpleNamespace
+
+    from micromoe_megatron.training.pretrain_gpt import check_data_args
+
+    none = dict(mock_data=False, data_path=None, data_args_path=None, train_data_path=None, valid_data_path=None,
+                test_data_path=None, per_split_data_args_path=None, tokenizer_type="HuggingFaceTokenizer",
+                tokenizer_model=None)
+    with pytest.raises(SystemExit, match="no training data: pass --data-path PREFIX"):
+        check_data_args(SimpleNamespace(**none))
+    with pytest.raises(SystemExit, match="HuggingFaceTokenizer needs --tokenizer-model DIR"):
+        check_data_args(SimpleNamespace(**{**none, "data_path": ["d/corpus"]}))
+    check_data_args(SimpleNamespace(**{**none, "data_path": ["d/corpus"], "tokenizer_model": "d/tok"}))
+    check_data_args(SimpleNamespace(**{**none, "mock_data": True, "tokenizer_type": "NullTokenizer"}))
+
+
 # ---------------------------------------------------------------- training on the prepared corpus
 
 
-def _launch(config_args: list[str], port: int) -> "Run":
+def _launch(config_args: list[str]):
     from tests.launch import Run, _free_port, _GRAD_NORM, _ITERATION
 
     env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_single_node.sh"), str(REPO / "configs" / "tiny-cpu.yaml"),
-                           *config_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    command = ["bash", str(REPO / "scripts" / "train_single_node.sh"), str(REPO / "configs" / "tiny-cpu.yaml"),
+               *config_args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     return Run(proc.returncode, log, {int(i): float(v) for i, v in _ITERATION.findall(log)},
                {int(i): float(v) for i, v in _GRAD_NORM.findall(log)})
@@ -135,19 +153,22 @@ def _launch(config_args: list[str], port: int) -> "Run":
 
 def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp_path):
     """The demo's path: prepare-data on real text (Python sources), then configs/tiny-cpu.yaml through
-    scripts/train_single_node.sh with Megatron's defaults, stock and --micro-ep: identical losses
-    and grad norms, the loss falls, and micromoe analyze reads the run's own routing trace."""
+    scripts/train_single_node.sh with Megatron's defaults, stock and --micro-ep: the same losses and
+    grad norms (to fp32 rounding, as in tests/test_pretrain.py), the loss falls, and micromoe analyze
+    reads the run's own routing trace and writes its plots."""
     import micromoe_megatron
 
     sources = sorted(Path(micromoe_megatron.__file__).parent.rglob("*.py"))
     result = prepare([str(p) for p in sources], str(tmp_path / "data" / "corpus"), vocab_size=512)
     common = [*result.megatron_args, "--train-iters", "12", "--log-interval", "1"]
-    stock = _launch(["--no-micro-ep", *common], 0).check()
+    stock = _launch(["--no-micro-ep", *common]).check()
     trace = tmp_path / "trace"
-    micro = _launch([*common, "--moe-routing-trace-path", str(trace)], 0).check()
+    micro = _launch([*common, "--moe-routing-trace-path", str(trace)]).check()
 
     assert sorted(micro.losses) == list(range(1, 13))
-    assert micro.losses == stock.losses and micro.grad_norms == stock.grad_norms
+    for name in ("losses", "grad_norms"):  # fp32: expert GEMMs on other ranks may differ in the last bit
+        ours, theirs = getattr(micro, name), getattr(stock, name)
+        assert sorted(ours) == sorted(theirs) and all(abs(ours[i] - theirs[i]) <= 1e-5 * abs(theirs[i]) for i in ours)
     assert "HuggingFaceTokenizer" in micro.log and "MicroEP on: d=2" in micro.log
     assert np.mean([micro.losses[i] for i in (10, 11, 12)]) < micro.losses[1] - 0.5  # falls clearly
     plots = tmp_path / "plots"

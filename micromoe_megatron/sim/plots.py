@@ -46,7 +46,8 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     ax.set_xticks(gpus)
     ax.set_title(title)
     ax.set_ylim(0, 1.05 * max(vanilla.max(), micro_ep.max(), 1.0))
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)  # below: never on data
+    # below the axes: never over the data
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     return _save(plt, fig, path)
 
 
