@@ -51,7 +51,11 @@ def test_round_trip_through_megatron_indexed_dataset(tmp_path):
         (tmp_path / "corpus" / f"doc{i}.txt").write_text(text)
     jsonl = tmp_path / "more.jsonl"
     jsonl.write_text(json.dumps({"text": DOCS[2], "id": 7}) + "\n\n" + json.dumps({"text": DOCS[0]}) + "\n")
-    result = prepare([str(tmp_path / "corpus"), str(jsonl)], str(tmp_path / "out" / "data"), vocab_size=300)
+    lines = []
+    result = prepare([str(tmp_path / "corpus"), str(jsonl)], str(tmp_path / "out" / "data"), vocab_size=300,
+                     progress=lines.append, progress_every_s=0.0)
+    assert "training a byte-level BPE tokenizer" in lines[0]
+    assert "4 documents" in lines[-1] and "documents/s" in lines[-1] and "tokens/s" in lines[-1]
     documents = [*DOCS[:2], DOCS[2], DOCS[0]]  # directory files sorted, then the JSONL lines in order
 
     megatron = _megatron_tokenizer(result.tokenizer_dir)

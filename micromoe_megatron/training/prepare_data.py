@@ -30,7 +30,8 @@ import numpy as np
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 JSONL_SUFFIXES = (".jsonl", ".json")
-BATCH_DOCUMENTS = 256  # documents per encode_batch call (tokenizers parallelises within a batch)
+BATCH_DOCUMENTS = 256  # documents per encode_batch call (tokenizers parallelises within a batch) ...
+BATCH_CHARS = 1 << 20  # ... or fewer, once they hold this much text (progress stays frequent)
 
 
 class DataError(ValueError):
@@ -210,13 +211,14 @@ def save_tokenizer(tokenizer, directory: str | Path, special: dict[str, str]) ->
 # ---------------------------------------------------------------- writing
 
 
-def _batches(documents: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch = []
+def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
     for document in documents:
         batch.append(document)
-        if len(batch) == size:
+        chars += len(document)
+        if len(batch) == BATCH_DOCUMENTS or chars >= BATCH_CHARS:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -263,9 +265,9 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=DType.optimal_dtype(vocab))
     documents = tokens = 0
     skipped: list[str] = []
-    last = time.perf_counter()
+    encode_start = last = time.perf_counter()
     try:
-        for batch in _batches(iter_documents(files, json_key, explicit, skipped), BATCH_DOCUMENTS):
+        for batch in _batches(iter_documents(files, json_key, explicit, skipped)):
             for encoding in model.encode_batch(batch, add_special_tokens=True):
                 ids = np.asarray(encoding.ids + [eod_id], dtype=np.int64)
                 builder.add_document(ids, [ids.size])
@@ -273,7 +275,7 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
                 tokens += ids.size
             now = time.perf_counter()
             if progress and now - last >= progress_every_s:
-                last, elapsed = now, now - start
+                last, elapsed = now, now - encode_start
                 progress(f"prepare-data: {documents:,} documents, {tokens:,} tokens "
                          f"({documents / elapsed:,.0f} documents/s, {tokens / elapsed:,.0f} tokens/s)")
         if documents == 0:
