@@ -112,6 +112,19 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, message):
     assert not list(tmp_path.glob("out/d*"))  # nothing half-written
 
 
+def test_error_while_writing_leaves_no_dataset(tmp_path):
+    """With the user's tokenizer nothing is read before writing starts: a bad second file stops the
+    run mid-way, and neither the dataset nor its temporary files remain."""
+    user_dir = save_tokenizer(train_tokenizer(lambda: iter(DOCS), vocab_size=280), tmp_path / "tok",
+                              {"eos_token": "<|endoftext|>"})
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="b.txt: not UTF-8 text"):
+        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(tmp_path / "out" / "d"),
+                tokenizer=str(user_dir))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_empty_files_inside_a_directory_are_skipped_not_fatal(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.py").write_text(DOCS[1])
