@@ -1,4 +1,4 @@
-"""The ``micromoe`` command: schedule, placement, bench, analyze, simulate, report.
+"""The ``micromoe`` command: schedule, placement, bench, analyze, simulate, report, prepare-data.
 
 Errors in the input exit with status 2 and one line naming the offending field or flag.
 """
@@ -242,6 +242,19 @@ def cmd_report(args) -> None:
         print(f"  per-GPU load plot: {plot}")
 
 
+def cmd_prepare_data(args) -> None:
+    from .training import prepare_data  # imports megatron-core (torch) only when used
+
+    try:
+        result = prepare_data.prepare(args.inputs, args.output_prefix, tokenizer=args.tokenizer,
+                                      vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out,
+                                      json_key=args.json_key, pattern=args.glob, eod_token=args.eod_token,
+                                      progress=_progress(args))
+    except prepare_data.DataError as exc:
+        raise InputError(str(exc)) from exc
+    print(json.dumps(result.to_json()) if args.json else prepare_data.format_result(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="micromoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer to plot (default: the first MoE layer recorded)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("prepare-data", help="text/JSONL files -> a Megatron indexed dataset (--data-path) "
+                                            "and its tokenizer, offline")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text files (one document each), .jsonl files (one document per line), or directories")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin / PREFIX.idx (Megatron's --data-path)")
+    p.add_argument("--tokenizer", help="your Hugging Face tokenizer.json or a directory with one "
+                                       "(default: train a byte-level BPE on the corpus)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
+    p.add_argument("--tokenizer-out", help="where the tokenizer for training is saved (default PREFIX-tokenizer)")
+    p.add_argument("--json-key", default="text", help="field of each JSONL line holding the document")
+    p.add_argument("--glob", default="*", help="file pattern inside directories, e.g. '*.py' (default: all)")
+    p.add_argument("--eod-token", help="end-of-document token of --tokenizer (default: its eos_token)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (no progress lines)")
+    p.set_defaults(run=cmd_prepare_data)
     return parser
 
 

@@ -69,9 +69,22 @@ def parse_arguments(argv=None):
             apply_micro_ep_layout(args, micro_ep)
     except LayoutError as error:
         raise SystemExit(f"pretrain_gpt.py: error: {error}") from None
+    check_data_args(args)
     validate_args(args, {"tokenizer_type": "NullTokenizer"})
     set_global_variables(args)
     return args, micro_ep, cpu_changes
+
+
+def check_data_args(args) -> None:
+    """One-line errors where Megatron would fail deep inside (a traceback per rank)."""
+    sources = [args.mock_data, args.data_path, args.data_args_path, args.train_data_path,
+               args.valid_data_path, args.test_data_path, args.per_split_data_args_path]
+    if not any(sources):
+        raise SystemExit("pretrain_gpt.py: error: no training data: pass --data-path PREFIX (made by "
+                         "`micromoe prepare-data`) or --mock-data")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        raise SystemExit("pretrain_gpt.py: error: --tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR "
+                         "(the tokenizer directory `micromoe prepare-data` prints)")
 
 
 def print_help() -> None:
