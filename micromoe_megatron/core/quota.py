@@ -122,6 +122,7 @@ class QuotaPlanner:
                 cut, paths = self._drain(quota, held, gpu_load, capacity, limit)
                 work += paths
             if cut is None:
+                work += self._reclaim(quota, held, gpu_load, capacity)
                 return QuotaResult(self._matrix(quota), capacity, bound, work)
             induced, size = self._cut(cut, load)
             new_capacity = -(-induced // size)
@@ -255,6 +256,82 @@ class QuotaPlanner:
                 gpu_load -= np.bincount(sender, weights=amount, minlength=f).astype(np.int64)
                 gpu_load += np.bincount(self.col_gpu[dst], weights=amount, minlength=f).astype(np.int64)
         return None, phases
+
+    def _reclaim(self, quota_array, held_array, gpu_load_array, capacity) -> int:
+        """Win back held tokens that were moved away, along cycles that cost no other local token.
+
+        For a column c (expert e on GPU g) with quota below its held tokens, take quota of e from
+        a holder h where it exceeds h's held tokens (already remote there), and make room on g by
+        moving remote quota along a BFS path to a GPU with spare capacity or to h. Each unit
+        moved keeps one more token local. In place, fixed order; returns the cycles used.
+        """
+        deficit = np.flatnonzero(quota_array < held_array)
+        if not deficit.size:
+            return 0
+        quota, held = quota_array.tolist(), held_array.tolist()
+        gpu_load = gpu_load_array.tolist()
+        cols_on, cols_of = self._cols_on, self._cols_of
+        col_gpu, col_expert = self._col_gpu_list, self._col_expert_list
+        cycles = 0
+        for c in deficit.tolist():
+            g = col_gpu[c]
+            for donor in cols_of[col_expert[c]]:
+                if quota[c] >= held[c]:
+                    break
+                if donor == c or quota[donor] <= held[donor]:
+                    continue
+                h = col_gpu[donor]
+                want = min(held[c] - quota[c], quota[donor] - held[donor])
+                path = []
+                if gpu_load[g] >= capacity:
+                    # BFS from g over remote quota to a GPU with room (h will have room).
+                    parent = {g: None}
+                    frontier, target = [g], -1
+                    while frontier and target < 0:
+                        nxt = []
+                        for x in frontier:
+                            for c1 in cols_on[x]:
+                                if quota[c1] <= held[c1] or c1 == c:
+                                    continue
+                                for c2 in cols_of[col_expert[c1]]:
+                                    y = col_gpu[c2]
+                                    if y in parent:
+                                        continue
+                                    parent[y] = (x, c1, c2)
+                                    if y == h or gpu_load[y] < capacity:
+                                        target = y
+                                        break
+                                    nxt.append(y)
+                                if target >= 0:
+                                    break
+                            if target >= 0:
+                                break
+                        frontier = nxt
+                    if target < 0:
+                        continue
+                    node = target
+                    while parent[node] is not None:
+                        x, c1, c2 = parent[node]
+                        path.append((c1, c2))
+                        want = min(want, quota[c1] - held[c1])
+                        node = x
+                    if target != h:
+                        want = min(want, capacity - gpu_load[target])
+                    gpu_load[target] += want
+                    gpu_load[g] -= want
+                else:
+                    want = min(want, capacity - gpu_load[g])
+                for c1, c2 in path:
+                    quota[c1] -= want
+                    quota[c2] += want
+                quota[donor] -= want
+                quota[c] += want
+                gpu_load[h] -= want
+                gpu_load[g] += want
+                cycles += 1
+        quota_array[:] = quota
+        gpu_load_array[:] = gpu_load
+        return cycles
 
     def _drain(self, quota_array, held_array, gpu_load_array, capacity, work_limit):
         """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS), in
