@@ -8,7 +8,7 @@ import pytest
 from micromoe_megatron.core import loads, placement
 from micromoe_megatron.core.quota import QuotaPlanner
 from micromoe_megatron.core.schedule import ReplicaScheduler
-from tests.reference_lp import lp_optimum, remote_floor
+from micromoe_megatron.core.reference import lp_optimum, remote_floor
 
 
 def drifting(gpus, experts, steps, skew, seed):
