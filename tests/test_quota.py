@@ -21,9 +21,12 @@ def drifting(gpus, experts, steps, skew, seed):
 
 @pytest.mark.parametrize("gpus,experts,replicas", [(8, 32, 2), (16, 64, 2)])
 @pytest.mark.parametrize("skew", [0.5, 1.0, 1.5])
-def test_remote_tokens_within_half_a_percent_of_the_floor_at_the_optimal_load(gpus, experts, replicas, skew):
+@pytest.mark.parametrize("vectorised", [False, True], ids=["loops", "numpy"])
+def test_remote_tokens_within_half_a_percent_of_the_floor_at_the_optimal_load(gpus, experts, replicas, skew,
+                                                                              vectorised):
     layout = placement.symmetric(gpus, experts, replicas)
     scheduler = ReplicaScheduler(layout.holders, gpus)
+    scheduler._planner.vectorised = vectorised  # both paths of the planner, on the same instances
     for tokens in drifting(gpus, experts, 6, skew, seed=11):
         plan = scheduler.plan(tokens)
         optimum = lp_optimum(layout.holders, tokens)                      # HiGHS, plain LPP 1
