@@ -163,18 +163,24 @@ def drifting_sequence(gpus, experts, steps, skew, seed=0):
     return sequence
 
 
-@pytest.mark.parametrize("gpus,experts,replicas", [(8, 32, 2), (16, 64, 2), (16, 32, 4)])
-def test_a_long_running_scheduler_and_a_fresh_one_give_byte_identical_plans(gpus, experts, replicas):
+@pytest.mark.parametrize("gpus,experts,replicas,vectorised", [
+    (8, 32, 2, False), (16, 64, 2, False), (16, 32, 4, False), (16, 64, 2, True), (16, 32, 4, True)])
+def test_a_long_running_scheduler_and_a_fresh_one_give_byte_identical_plans(gpus, experts, replicas, vectorised):
     layout = placement.symmetric(gpus, experts, replicas)
+
+    def scheduler(solve_lp):
+        made = ReplicaScheduler(layout.holders, gpus, gpus_per_node=4, solve_lp=solve_lp)
+        made._planner.vectorised = vectorised
+        return made
+
     for skew in (0.5, 1.5):
         sequence = drifting_sequence(gpus, experts, 25, skew, seed=3)
         for solve_lp in (False, True):
-            veteran = ReplicaScheduler(layout.holders, gpus, gpus_per_node=4, solve_lp=solve_lp)
+            veteran = scheduler(solve_lp)
             for tokens in sequence[:20]:
                 veteran.plan(tokens)
             for tokens in sequence[20:]:
-                fresh = ReplicaScheduler(layout.holders, gpus, gpus_per_node=4, solve_lp=solve_lp)
-                assert plan_bytes(veteran.plan(tokens)) == plan_bytes(fresh.plan(tokens))
+                assert plan_bytes(veteran.plan(tokens)) == plan_bytes(scheduler(solve_lp).plan(tokens))
 
 
 def test_a_scheduler_forced_to_fail_once_agrees_with_the_others_at_every_other_step(monkeypatch):
