@@ -398,20 +398,21 @@ class QuotaPlanner:
             if work_limit is not None and paths >= work_limit:
                 raise PlanWorkLimit(f"planner needed more than {work_limit} augmenting paths")
             # 0-1 BFS over GPUs. Moving quota that exceeds the held tokens costs 0 (already remote),
-            # moving held tokens costs 1 (one more remote token).
+            # moving held tokens costs 1 (one more remote token). GPUs with spare capacity are
+            # targets, taken in order of cost (pop order); the tree serves several augmentations.
             cost = {source: 0}
-            parent = {source: (-1, -1)}
+            parent = {source: None}
             done = set()
             queue = deque([source])
-            target = -1
+            targets = []
             while queue:
                 g = queue.popleft()
                 if g in done:
                     continue
                 done.add(g)
                 if gpu_load[g] < capacity:
-                    target = g
-                    break
+                    targets.append(g)
+                    continue
                 base = cost[g]
                 for c in cols_on[g]:
                     if quota[c] == 0:
@@ -422,30 +423,37 @@ class QuotaPlanner:
                         if h in done or cost.get(h, 1 << 62) <= base + step:
                             continue
                         cost[h] = base + step
-                        parent[h] = (g, c, c2)
+                        parent[h] = (g, c, c2, step)
                         if step:
                             queue.append(h)
                         else:
                             queue.appendleft(h)
-            if target < 0:
+            if not targets:
                 # Nothing reachable has spare capacity: the reached GPUs S certify t* > capacity.
                 reached = np.zeros(self.num_gpus, dtype=bool)
                 reached[list(parent)] = True
                 return reached, paths
-            path, node = [], target
-            while parent[node][0] >= 0:
-                g, c, c2 = parent[node]
-                path.append((c, c2))
-                node = g
-            amount = min(gpu_load[source] - capacity, capacity - gpu_load[target])
-            for c, _ in path:
-                amount = min(amount, quota[c] - held[c] if quota[c] > held[c] else quota[c])
-            for c, c2 in path:
-                quota[c] -= amount
-                quota[c2] += amount
-            gpu_load[source] -= amount
-            gpu_load[target] += amount
-            paths += 1
+            for target in targets:
+                excess = gpu_load[source] - capacity
+                if excess <= 0:
+                    break
+                amount = min(excess, capacity - gpu_load[target])
+                path, node = [], target
+                while parent[node] is not None:
+                    g, c, c2, step = parent[node]
+                    # Earlier augmentations may have used this edge: recheck it at its cost.
+                    room = quota[c] - held[c] if quota[c] > held[c] else (quota[c] if step else 0)
+                    amount = min(amount, room)
+                    path.append((c, c2))
+                    node = g
+                if amount <= 0:
+                    continue
+                for c, c2 in path:
+                    quota[c] -= amount
+                    quota[c2] += amount
+                gpu_load[source] -= amount
+                gpu_load[target] += amount
+                paths += 1
         quota_array[:] = quota
         gpu_load_array[:] = gpu_load
         return None, paths
