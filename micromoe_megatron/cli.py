@@ -16,7 +16,7 @@ from .core import placement
 from .sim import bench
 from .core.loads import validate_counts
 from .core.placement import validate_holders
-from .core.schedule import ReplicaScheduler
+from .core.schedule import DEFAULT_WORK_LIMIT, ReplicaScheduler
 
 
 class InputError(ValueError):
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="plan one micro-batch of one layer from a JSON instance")
     p.add_argument("instance", help="instance JSON file ('-' for stdin); see README")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--work-limit", type=int, default=100_000,
+    p.add_argument("--work-limit", type=int, default=DEFAULT_WORK_LIMIT,
                    help="planner steps (augmenting paths) before the fallback plan")
     p.set_defaults(run=cmd_schedule)
 

@@ -218,6 +218,21 @@ def test_the_work_limit_is_a_count_so_every_rank_falls_back_at_the_same_steps():
     assert not all(fallback for fallback, _ in decisions[0])
 
 
+def test_a_slow_host_plans_exactly_like_a_fast_one(monkeypatch):
+    # A rank that is descheduled for seconds mid-plan: the clock jumps, the plan must not change.
+    import micromoe_megatron.core.schedule as schedule_module
+
+    layout = placement.symmetric(16, 64, 2)
+    sequence = drifting_sequence(16, 64, 8, 1.5, seed=9)
+    fast = [plan_bytes(ReplicaScheduler(layout.holders, 16, solve_lp=True).plan(t)) for t in sequence]
+    clock = iter(range(0, 10**9, 7))
+    monkeypatch.setattr(schedule_module.time, "perf_counter", lambda: float(next(clock)))
+    slow_scheduler = ReplicaScheduler(layout.holders, 16, solve_lp=True)
+    slow = [slow_scheduler.plan(t) for t in sequence]
+    assert [plan_bytes(p) for p in slow] == fast
+    assert all(p.schedule_ms >= 7000 and not p.fallback for p in slow)
+
+
 PLAN_HASH_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, {root!r})

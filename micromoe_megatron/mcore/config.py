@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.placement import PLACEMENT_KINDS
+from ..core.schedule import DEFAULT_WORK_LIMIT
 
 
 class LayoutError(ValueError):
@@ -39,7 +40,7 @@ class MicroEPConfig:
                                           help="phy2log JSON for --micro-ep-placement custom")
     gpus_per_node: int | None = _setting(None, "--micro-ep-gpus-per-node", metavar="N", help=(
         "GPUs per node, for same-node-first routing (default: torchrun's LOCAL_WORLD_SIZE)"))
-    solver_work_limit: int = _setting(100_000, "--micro-ep-solver-work-limit", metavar="N", help=(
+    solver_work_limit: int = _setting(DEFAULT_WORK_LIMIT, "--micro-ep-solver-work-limit", metavar="N", help=(
         "planner steps (augmenting paths) per plan; past it the fallback plan is used and counted. "
         "A count, not a time: every rank decides the same"))
     check_plans: bool = _setting(False, "--micro-ep-check-plans", help=(
