@@ -80,3 +80,24 @@ def test_the_certificate_subset_proves_the_capacity():
         assert result.capacity - 1 < result.bound <= result.capacity
         assert result.quota.sum(axis=0).max() <= result.capacity
         assert result.bound <= lp_optimum(layout.holders, tokens) + 1e-6
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["loops", "numpy"])
+def test_both_paths_reach_the_integer_optimum_on_random_replica_counts(vectorised):
+    rng = np.random.default_rng(8)
+    for _ in range(60):
+        gpus = int(rng.integers(2, 10))
+        experts = int(rng.integers(1, 14))
+        holders = [sorted(rng.choice(gpus, size=int(rng.integers(1, gpus + 1)), replace=False).tolist())
+                   for _ in range(experts)]
+        tokens = rng.integers(0, rng.choice([3, 50, 1000]) + 1, size=(gpus, experts)) * (rng.random((gpus, experts)) < 0.7)
+        planner = QuotaPlanner(placement.pad_holders(holders), gpus, vectorised=vectorised)
+        result = planner.solve(tokens)
+        optimum = placement.max_induced_density(holders, tokens.sum(axis=0), gpus)
+        assert result.capacity == math.ceil(optimum - 1e-9)
+        assert result.capacity - 1 < result.bound <= optimum + 1e-9
+        quota = result.quota
+        assert (quota >= 0).all() and np.array_equal(quota.sum(axis=1), tokens.sum(axis=0))
+        assert quota.sum(axis=0).max(initial=0) <= result.capacity
+        for e, gpus_of_e in enumerate(holders):
+            assert not np.delete(quota[e], gpus_of_e).any()
