@@ -13,14 +13,19 @@ zero off holders) that
 Algorithm (a max flow with locality-aware augmenting paths; deterministic, no solver state):
 
 * start from ``T = ceil(total / F)`` (the trivial bound, paper Eq. 3 with S = all GPUs);
-* keep every held token local, then place the other tokens of each expert on its holder with the
-  most spare capacity, in vectorised rounds (fixed tie-breaks: lowest holder, lowest expert);
+* also try each holder set alone (the experts held by exactly those GPUs) as an Eq. 3 subset;
+* keep every held token local, then place the other tokens of each expert on its holders with the
+  most spare capacity (fixed tie-breaks: lowest holder, lowest expert);
 * drain any GPU above ``T`` along shortest augmenting paths of the GPU graph (an edge g -> h moves
   quota of an expert held by both), preferring moves of tokens that are already remote (0-1 BFS:
   moving a local token costs 1);
 * when an overloaded GPU reaches no GPU with spare capacity, the GPUs it reaches form a set ``S``
   whose induced load exceeds ``T * |S|`` (every expert with quota in ``S`` has all holders in
-  ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and continue (a cutting plane on Eq. 3).
+  ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and rebuild (a cutting plane on Eq. 3);
+* finally win back held tokens along cycles that cost no other local token (``_reclaim``).
+
+Small graphs run the steps as plain Python loops; large ones use numpy rounds and Dinic-style
+blocking-flow phases before the same exact augmenting-path step. Counts are exact below 2**53.
 
 The final ``T`` is certified optimal: the plan proves ``ceil(t*) <= T`` and the last cut ``S``
 (or all GPUs) proves ``t* >= density(S) > T - 1``. Everything is a pure function of
@@ -102,8 +107,8 @@ class QuotaPlanner:
             self._cols_on[g].append(c)
             self._cols_of[e].append(c)
         self._col_expert_list = self.col_expert.tolist()
-        self.vectorised = self.col_expert.size > VECTORISE_ABOVE if vectorised is None else vectorised
         self._col_gpu_list = self.col_gpu.tolist()
+        self.vectorised = self.col_expert.size > VECTORISE_ABOVE if vectorised is None else vectorised
 
     def solve(self, tokens: np.ndarray, work_limit: int | None = None) -> QuotaResult:
         """Quota for int64 ``tokens [F, E]`` (already validated).
@@ -118,8 +123,8 @@ class QuotaPlanner:
         bound = total / f
         # A second cheap Eq. 3 subset per holder set: the experts sharing exactly those holders.
         # At high skew it usually finds the optimum at once and saves rebuilds after cuts.
-        set_load = np.bincount(self._set_id, weights=load, minlength=self._set_size.size)
-        densest = int(np.argmax(set_load * f - total * self._set_size))  # exact: no float ties
+        set_load = np.bincount(self._set_id, weights=load, minlength=self._set_size.size).astype(np.int64)
+        densest = int(np.argmax(set_load / self._set_size))
         if set_load[densest] > capacity * self._set_size[densest]:
             induced, size = int(set_load[densest]), int(self._set_size[densest])
             capacity, bound = -(-induced // size), induced / size
