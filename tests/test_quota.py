@@ -101,3 +101,21 @@ def test_both_paths_reach_the_integer_optimum_on_random_replica_counts(vectorise
         assert quota.sum(axis=0).max(initial=0) <= result.capacity
         for e, gpus_of_e in enumerate(holders):
             assert not np.delete(quota[e], gpus_of_e).any()
+
+
+def test_the_lp_hint_changes_only_the_work_never_the_plan():
+    layout = placement.symmetric(16, 64, 2)
+    planner = QuotaPlanner(placement.pad_holders(layout.holders), 16)
+    asked = []
+
+    def broken():
+        raise RuntimeError("injected LP failure")
+
+    for tokens in drifting(16, 64, 12, 1.5, seed=5):
+        exact = lp_optimum(layout.holders, tokens)
+        plain = planner.solve(tokens)
+        for hint in (lambda: asked.append(exact) or exact, broken, lambda: math.nan, lambda: exact / 3):
+            hinted = planner.solve(tokens, lp_optimum=hint)
+            assert hinted.capacity == plain.capacity and np.array_equal(hinted.quota, plain.quota)
+            assert hinted.augmentations == plain.augmentations  # the final build is the same work
+    assert asked, "the sequence must need a cut, where the planner asks for the LP"

@@ -34,6 +34,7 @@ The final ``T`` is certified optimal: the plan proves ``ceil(t*) <= T`` and the 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ import numpy as np
 
 
 _UNREACHABLE = np.iinfo(np.int64).max // 4
+# t* = (integer load) / (subset size <= F) lies >= 1/F from any integer it is not equal to; this
+# tolerance only absorbs the simplex's floating-point noise.
+_OPTIMUM_TOLERANCE = 1e-6
 
 
 # Columns (expert, holder) above which numpy beats plain Python loops on this problem.
@@ -54,7 +58,8 @@ class PlanWorkLimit(RuntimeError):
 @dataclass(frozen=True)
 class QuotaResult:
     """``quota [E, F]`` int64; ``capacity`` = max load = ceil(t*); ``bound`` = density of the
-    certificate set (a lower bound on t*, ``> capacity - 1``); ``augmentations`` = paths used."""
+    certificate set (a lower bound on t*; ``> capacity - 1`` unless the LP supplied ``capacity``);
+    ``augmentations`` = phases, paths and cycles of the final build at ``capacity``."""
 
     quota: np.ndarray
     capacity: int
@@ -110,8 +115,15 @@ class QuotaPlanner:
         self._col_gpu_list = self.col_gpu.tolist()
         self.vectorised = self.col_expert.size > VECTORISE_ABOVE if vectorised is None else vectorised
 
-    def solve(self, tokens: np.ndarray, work_limit: int | None = None) -> QuotaResult:
+    def solve(self, tokens: np.ndarray, work_limit: int | None = None, lp_optimum=None) -> QuotaResult:
         """Quota for int64 ``tokens [F, E]`` (already validated).
+
+        ``lp_optimum``: optional callable returning the LP optimum t* (HiGHS). It is asked once,
+        at the first cut (the cheap bounds were too low: the step needs the LP), to jump to
+        ``ceil(t*)`` instead of cut after cut. Only speed depends on it: a value below the cut's
+        density, non-finite or an exception is ignored, and the build at ``ceil(t*)`` still
+        proves itself (another cut if ``t*`` was too low). ``T = ceil(t*)`` is unique, so the
+        plan is the same with or without it.
 
         Raises:
             PlanWorkLimit: more than ``work_limit`` augmenting paths were needed.
@@ -129,10 +141,13 @@ class QuotaPlanner:
             induced, size = int(set_load[densest]), int(self._set_size[densest])
             capacity, bound = -(-induced // size), induced / size
         held = tokens[self.col_gpu, self.col_expert]                     # [C] tokens already on holder
-        work = 0
+        first = True
         while True:
             # Build at this capacity from scratch: moves made for a lower capacity would only
-            # cost locality at the higher one.
+            # cost locality at the higher one. The work limit must give the same decision on
+            # every rank, whether or not its LP call succeeded: it binds the first build (live,
+            # the same everywhere) and the final build at T (checked at the end, the same
+            # everywhere), never the builds in between that only some ranks make.
             quota = held.copy()
             gpu_load = np.bincount(self.col_gpu, weights=quota, minlength=f).astype(np.int64)
             pool = load - np.bincount(self.col_expert, weights=quota, minlength=self.num_experts).astype(np.int64)
@@ -140,27 +155,34 @@ class QuotaPlanner:
                 self._place_pool(quota, gpu_load, pool, capacity)
             else:
                 self._place_pool_loop(quota, gpu_load, pool, capacity)
-            if gpu_load.max(initial=0) <= capacity:
-                return QuotaResult(self._matrix(quota), capacity, bound, work)
-            cut, phases = None, 0
-            if self.vectorised:
-                cut, phases = self._push_phases(quota, held, gpu_load, load, capacity)
-            work += phases
-            if cut is None and gpu_load.max(initial=0) > capacity:
-                limit = None if work_limit is None else max(work_limit - work, 0)
-                cut, paths = self._drain(quota, held, gpu_load, capacity, limit)
-                work += paths
+            cut, work = None, 0
+            if gpu_load.max(initial=0) > capacity:
+                if self.vectorised:
+                    cut, work = self._push_phases(quota, held, gpu_load, load, capacity)
+                if cut is None and gpu_load.max(initial=0) > capacity:
+                    limit = None if work_limit is None or not first else max(work_limit - work, 0)
+                    cut, paths = self._drain(quota, held, gpu_load, capacity, limit)
+                    work += paths
+                if cut is None:
+                    work += self._reclaim(quota, held, gpu_load, capacity)
             if cut is None:
-                work += self._reclaim(quota, held, gpu_load, capacity)
+                if work_limit is not None and work > work_limit:
+                    raise PlanWorkLimit(f"planner needed {work} augmenting paths, more than {work_limit}")
                 return QuotaResult(self._matrix(quota), capacity, bound, work)
+            first = False
             induced, size = self._cut(cut, load)
             new_capacity = -(-induced // size)
             if new_capacity <= capacity:  # cannot happen for a consistent state
                 raise RuntimeError("planner invariant broken: a cut must raise the capacity")
             capacity, bound = new_capacity, max(bound, induced / size)
-            work += 1
-            if work_limit is not None and work > work_limit:
-                raise PlanWorkLimit(f"planner needed more than {work_limit} steps")
+            if lp_optimum is not None:
+                asked, lp_optimum = lp_optimum, None
+                try:
+                    optimum = float(asked())
+                except Exception:  # the LP only saves work; the cuts reach the same T
+                    optimum = math.nan
+                if math.isfinite(optimum) and optimum >= induced / size - _OPTIMUM_TOLERANCE:
+                    capacity = max(capacity, math.ceil(optimum - _OPTIMUM_TOLERANCE))
 
     def _matrix(self, per_column: np.ndarray) -> np.ndarray:
         quota = np.zeros((self.num_experts, self.num_gpus), dtype=np.int64)

@@ -188,15 +188,25 @@ class ReplicaScheduler:
         else:
             self.solves += 1
             try:
-                result = self._planner.solve(tokens, self.work_limit)
-                quota, optimum, augmentations = result.quota, result.bound, result.augmentations
+                optimum = self._solve_lp(load) if self.solve_lp else None
+                asked = []
+
+                def lp_optimum():  # asked by the planner only when a cut shows the step needs it
+                    asked.append(optimum if optimum is not None else self._solve_lp(load))
+                    return asked[-1]
+
+                result = self._planner.solve(tokens, self.work_limit, lp_optimum)
+                quota, augmentations = result.quota, result.augmentations
                 self._check_quota(quota, load, result.capacity)
-                if self.solve_lp:
-                    optimum = self._solve_lp(load)
-                    lp_solved = True
-                    if math.ceil(optimum - _OPTIMUM_TOLERANCE) != result.capacity:
-                        raise SolverFailure(f"HiGHS optimum {optimum} disagrees with the certified "
-                                            f"integer optimum {result.capacity}")
+                if self.solve_lp and math.ceil(optimum - _OPTIMUM_TOLERANCE) != result.capacity:
+                    raise SolverFailure(f"HiGHS optimum {optimum} disagrees with the certified "
+                                        f"integer optimum {result.capacity}")
+                if optimum is None and asked:
+                    optimum = asked[-1]
+                # Report t* when HiGHS gave one consistent with T, else the planner's bound.
+                lp_solved = optimum is not None and math.ceil(optimum - _OPTIMUM_TOLERANCE) == result.capacity
+                if not lp_solved:
+                    optimum = result.bound
             except Exception as exc:  # any trouble: a valid plan beats a crashed training step
                 self.fallbacks += 1
                 fallback_reason = str(exc) or type(exc).__name__
