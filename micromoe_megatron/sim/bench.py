@@ -46,8 +46,8 @@ def bench_schedule(steps: int = 200, skews=SCHEDULE_SKEWS, shapes=SCHEDULE_SHAPE
     """Per-layer planning time (host counts in -> plan out, Python included), p50 / p99, and traffic.
 
     For every shape and Zipf skew, one scheduler plans ``steps`` micro-batches of a drifting load
-    sequence. ``lp_p50_ms`` times HiGHS on the same loads (reduced LPP 1, warm start), which the
-    plan does not need. Remote fractions are means over the steps; the floor (HiGHS min-cost LP at
+    sequence. ``lp_p50_ms`` times HiGHS on every step's loads (reduced LPP 1, warm start); the
+    planner itself asks HiGHS only at a cut. Remote fractions are means over the steps; the floor (HiGHS min-cost LP at
     the plan's max load, ``core.reference``) and vanilla EP are evaluated every ``floor_every``
     steps, and ``remote_fraction_sampled`` is the plan's mean over those same steps.
     """
@@ -145,7 +145,7 @@ def format_schedule(result: dict) -> str:
                      f"{r['p99_ms']:>7.3f} | {r['lp_p50_ms']:>9.3f} | {r['remote_fraction']:>7.2%} "
                      f"{r['remote_fraction_sampled']:>7.2%} {r['remote_floor_fraction']:>7.2%} "
                      f"{r['vanilla_remote_fraction']:>7.2%} | {r['fallbacks']}")
-    lines.append("HiGHS p50: the LP alone on the same loads (not needed by the plan). remote: tokens leaving "
+    lines.append("HiGHS p50: the LP alone on every step's loads (the plan asks it only at a cut). remote: tokens leaving "
                  f"their GPU; sampled / floor / vanilla: every {result['floor_every']}th step, the plan, the "
                  "fewest possible at the same max load (HiGHS), vanilla EP.")
     return "\n".join(lines)
