@@ -16,7 +16,7 @@ from .core import placement
 from .sim import bench
 from .core.loads import validate_counts
 from .core.placement import validate_holders
-from .core.schedule import ReplicaScheduler
+from .core.schedule import DEFAULT_WORK_LIMIT, ReplicaScheduler
 
 
 class InputError(ValueError):
@@ -93,7 +93,7 @@ def cmd_schedule(args) -> None:
     holders, tokens, num_gpus, gpus_per_node = load_instance(_read_json(args.instance))
     try:
         scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node,
-                                     time_limit_s=args.time_limit_ms / 1e3)
+                                     work_limit=args.work_limit, solve_lp=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     plan = scheduler.plan(tokens)
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="plan one micro-batch of one layer from a JSON instance")
     p.add_argument("instance", help="instance JSON file ('-' for stdin); see README")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--time-limit-ms", type=float, default=50.0, help="HiGHS time limit per solve")
+    p.add_argument("--work-limit", type=int, default=DEFAULT_WORK_LIMIT,
+                   help="planner steps (augmenting paths) before the fallback plan")
     p.set_defaults(run=cmd_schedule)
 
     p = sub.add_parser("placement", help="show a placement: holders, slot table, Eq. 3 bound")

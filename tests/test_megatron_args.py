@@ -38,11 +38,11 @@ def test_every_flag_reaches_the_config(tmp_path, monkeypatch):
     placement.write_text(json.dumps({"phy2log": [[0, 1], [1, 0]]}))
     args = parse(["--micro-ep", "2", "--micro-ep-placement", "custom", "--micro-ep-placement-file", str(placement),
                   "--micro-ep-placement-seed", "5", "--micro-ep-gpus-per-node", "4",
-                  "--micro-ep-solver-time-limit-ms", "7.5", "--micro-ep-check-plans",
+                  "--micro-ep-solver-work-limit", "75", "--micro-ep-check-plans",
                   "--micro-ep-check-replicas-interval", "10", "--micro-ep-metrics-file", "m.jsonl"])
     assert micro_ep_config_from_args(args) == MicroEPConfig(
         replicas=2, placement="custom", placement_seed=5, placement_file=str(placement), gpus_per_node=4,
-        solver_time_limit_ms=7.5, check_plans=True, check_replicas_interval=10, metrics_file="m.jsonl")
+        solver_work_limit=75, check_plans=True, check_replicas_interval=10, metrics_file="m.jsonl")
 
 
 def test_gpus_per_node_defaults_to_torchrun_local_world_size(monkeypatch):
@@ -60,7 +60,7 @@ def test_layout_widens_megatron_expert_parallel_group():
     (["--micro-ep", "0"], {}, 8, "--micro-ep must be >= 1"),
     (["--micro-ep", "2", "--micro-ep-placement", "custom"], {}, 8, "--micro-ep-placement-file"),
     (["--micro-ep-placement", "random"], {}, 8, "needs --micro-ep D"),
-    (["--micro-ep", "2", "--micro-ep-solver-time-limit-ms", "0"], {}, 8, "--micro-ep-solver-time-limit-ms"),
+    (["--micro-ep", "2", "--micro-ep-solver-work-limit", "0"], {}, 8, "--micro-ep-solver-work-limit"),
     (["--micro-ep", "2", "--micro-ep-check-replicas-interval", "-1"], {}, 8, "--micro-ep-check-replicas-interval"),
     (["--micro-ep", "2", "--micro-ep-gpus-per-node", "0"], {}, 8, "--micro-ep-gpus-per-node"),
     (["--micro-ep", "2"], dict(num_experts=None), 8, "set --num-experts"),

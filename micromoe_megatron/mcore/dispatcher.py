@@ -104,7 +104,7 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         self.layer_number = layer_number
         self.scheduler = ReplicaScheduler(placement.holders, placement.num_gpus,
                                           gpus_per_node=micro_ep.gpus_per_node,
-                                          time_limit_s=micro_ep.solver_time_limit_ms / 1e3)
+                                          work_limit=micro_ep.solver_work_limit)
         self.stats = MicroEPStats()
         self.plan_count = 0
         self.last_plan: SchedulePlan | None = None
