@@ -43,10 +43,11 @@ def _summed_over_ranks(result) -> dict:
 
 
 def stock_vs_micro_ep(rank, world_size, *, num_experts=8, top_k=2, ep=2, replicas=2, hot_expert=None,
-                      tokens_scale=1, placement="symmetric", recompute=False, tp=1):
+                      tokens_scale=1, placement="symmetric", recompute=False, tp=1, **overrides):
     """Stock alltoall MoELayer (EP = ep) vs MicroMoELayer (d = replicas) on the same weights/data.
-    ``tp`` > 1: attention tensor parallelism with sequence parallelism, expert TP 1."""
-    config = dict(recompute=recompute, tp=tp)
+    ``tp`` > 1: attention tensor parallelism with sequence parallelism, expert TP 1; ``overrides``:
+    further TransformerConfig fields for both layers."""
+    config = dict(recompute=recompute, tp=tp, **overrides)
     stock, stock_slots = build_stock(num_experts, top_k, ep, **config)
     set_weights(stock, stock_slots, hot_expert)
     reference = _forward_backward(stock, rank, hot_expert, stock_slots, tokens_scale)
@@ -107,5 +108,15 @@ def plan_check_catches_disagreement(rank, world_size, *, num_experts=8, replicas
     try:
         layer(layer_inputs(rank + world_size, None)[0])  # new counts: the cache cannot answer
     except PlanMismatchError as exc:
+        return str(exc)
+    return "no error"
+
+
+def refused_option(rank, world_size, *, option, replicas=2):
+    """Build a MicroMoELayer with TransformerConfig ``option=True``; return the error's text."""
+    try:
+        build_micro_ep(8, 2, world_size // replicas, MicroEPConfig(replicas=replicas),
+                       moe_expert_capacity_factor=1.0, **{option: True})
+    except ValueError as exc:
         return str(exc)
     return "no error"

@@ -2,8 +2,10 @@
 and MicroEP's dispatch keeps its extra memory linear in the routed tokens (issue 14, point 5)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +18,10 @@ TOKENS, EXPERTS, REPLICAS, TOP_K, HIDDEN = 1024, 64, 4, 2, 8
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu_bench") / "bench.json"
-    subprocess.run([sys.executable, "-m", "micromoe_megatron.training.gpu_bench", "--cpu-smoke",
-                    "--tokens", str(TOKENS), "--experts", str(EXPERTS), "--ep", "2", "--replicas", str(REPLICAS),
-                    "--top-k", str(TOP_K), "--hidden", str(HIDDEN), "--repeats", "1", "--gemm-tokens", "16", "64",
-                    "--json", str(path)], check=True, timeout=600)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_bench.sh"
+    flags = ["--cpu-smoke", "--tokens", TOKENS, "--experts", EXPERTS, "--ep", 2, "--replicas", REPLICAS,
+             "--top-k", TOP_K, "--hidden", HIDDEN, "--repeats", 1, "--gemm-tokens", 16, 64]
+    subprocess.run(["bash", str(script), str(path), *map(str, flags)], check=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     return json.loads(path.read_text())
 
 

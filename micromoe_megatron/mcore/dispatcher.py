@@ -120,8 +120,9 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
 
     # ------------------------------------------------------------ plan
 
-    def plan_for(self, tokens: np.ndarray) -> SchedulePlan:
-        """The plan for this micro-batch's ``[F, E]`` counts; a repeat (recompute) reuses it."""
+    def plan_for(self, tokens: np.ndarray, device: torch.device | str = "cpu") -> SchedulePlan:
+        """The plan for this micro-batch's ``[F, E]`` counts; a repeat (recompute) reuses it.
+        ``device``: where the ``check_plans`` all-gather runs (the group's device)."""
         key = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
         plan = self._plans.get(key)
         if plan is not None:
@@ -134,14 +135,14 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         self.plan_count += 1
         self.stats.record(plan, vanilla_ep_load(tokens, self.vanilla_ep))
         if self.micro_ep.check_plans:
-            self._check_plan_agrees(plan)
+            self._check_plan_agrees(plan, device)
         self._plans[key] = plan
         if len(self._plans) > self.micro_ep.plan_cache_size:
             self._plans.popitem(last=False)
         return plan
 
-    def _check_plan_agrees(self, plan: SchedulePlan) -> None:
-        mine = torch.tensor([plan_digest(plan)], dtype=torch.int64)
+    def _check_plan_agrees(self, plan: SchedulePlan, device) -> None:
+        mine = torch.tensor([plan_digest(plan)], dtype=torch.int64, device=device)
         everyone = [torch.zeros_like(mine) for _ in range(self.ep_size)]
         dist.all_gather(everyone, mine, group=self.ep_group)
         hashes = [int(h) for h in everyone]
@@ -196,7 +197,8 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         fused = self.config.moe_permute_fusion
         permuted, permuted_probs, self.reversed_local_input_permutation_mapping, _, _ = permute(
             hidden_states, routing_map, probs=probs, num_out_tokens=self.num_out_tokens, fused=fused)
-        self.last_plan = self.plan_for(pending.wait())       # host solves while the device permutes
+        # The host solves while the device permutes.
+        self.last_plan = self.plan_for(pending.wait(), device=routing_map.device)
         self.tokens_per_expert = self._set_splits(self.last_plan)
         if self.chunk_order.numel() == 0:
             return permuted, permuted_probs

@@ -230,9 +230,10 @@ def _serial(base):
     class SerialPlanning(base):
         """The dispatcher without overlap: the device is drained before the host plans."""
 
-        def plan_for(self, tokens):
-            _sync(self.probs.device)
-            return super().plan_for(tokens)
+        def plan_for(self, tokens, *args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return super().plan_for(tokens, *args, **kwargs)
 
     return SerialPlanning
 
@@ -263,17 +264,33 @@ def _median_ms(work, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def run_case(case: Case, device: torch.device, dtype, repeats: int, zipf_s: float, seed: int = 0) -> dict:
-    """All dispatcher measurements of one case (see the module docstring)."""
+@dataclasses.dataclass
+class Emulation:
+    """Rank 0 of the case's MicroEP group: its dispatchers, its data, and the counts it is told."""
+
+    stock: object
+    micro: object
+    serial: object
+    hidden: torch.Tensor
+    routing_map: torch.Tensor
+    probs: torch.Tensor
+    next_counts: object    # () -> None: the next all-gather of [F, E] counts returns fresh counts
+
+
+@contextlib.contextmanager
+def emulate(case: Case, device: torch.device, dtype, zipf_s: float = 1.0, seed: int = 0, fresh_draws: int = 4):
+    """Set up the fake group, the global routing draw and the answered all-gathers for ``case``."""
     fused = device.type == "cuda" and _have_te()
     routing_map, probs, counts = global_routing_draw(case.num_gpus, case.tokens, case.experts, case.top_k,
                                                      zipf_s, seed, device)
     hidden = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype)
-    # Fresh counts for the planning runs: rank 0's row stays (its map is fixed), the others redrawn.
+    # Fresh counts for the planning runs: rank 0's row stays (its map is fixed), the others are
+    # redrawn (a smaller draw, scaled to T tokens per rank).
+    small = min(case.tokens, 2048)
     fresh = []
-    for i in range(max(repeats, 2) + 1):
-        other = global_routing_draw(case.num_gpus, min(case.tokens, 2048), case.experts, case.top_k, zipf_s,
-                                    seed + 1 + i, device)[2] * max(case.tokens // 2048, 1)
+    for i in range(fresh_draws):
+        other = global_routing_draw(case.num_gpus, small, case.experts, case.top_k, zipf_s, seed + 1 + i,
+                                    device)[2] * (case.tokens // small)
         other[0] = counts[0]
         fresh.append(other)
     cycle = itertools.cycle(fresh)
@@ -282,25 +299,38 @@ def run_case(case: Case, device: torch.device, dtype, repeats: int, zipf_s: floa
                case.num_gpus * case.experts: lambda: current["micro"].ravel()}
     with fake_group(case.num_gpus) as (world, single), answered_all_gathers(answers):
         stock, micro, serial = build_dispatchers(case, world, single, dtype, fused)
-        result = dataclasses.asdict(case)
-        for name, dispatcher in (("stock", stock), ("micro_ep", micro)):
-            result[f"dispatch_ms_{name}"] = _median_ms(
-                lambda: _layer_pass(dispatcher, hidden, routing_map, probs, backward=True), repeats, device)
-        result["extra_bytes"] = (peak_bytes(lambda: micro.dispatch_preprocess(hidden, routing_map, probs), device)
-                                 - peak_bytes(lambda: stock.dispatch_preprocess(hidden, routing_map, probs), device))
-        result["preprocess_ms_cached_plan"] = _median_ms(
-            lambda: micro.dispatch_preprocess(hidden, routing_map, probs), repeats, device)
+        yield Emulation(stock, micro, serial, hidden, routing_map, probs,
+                        lambda: current.__setitem__("micro", next(cycle)))
 
-        def fresh_plan(dispatcher):
+
+def dispatch_extra_bytes(case: Case, device: torch.device, dtype) -> int:
+    """Peak bytes allocated inside ``dispatch_preprocess``, MicroEP minus stock (plan not cached)."""
+    with emulate(case, device, dtype, fresh_draws=1) as em:
+        def preprocess(dispatcher):
+            return lambda: dispatcher.dispatch_preprocess(em.hidden, em.routing_map, em.probs)
+        return peak_bytes(preprocess(em.micro), device) - peak_bytes(preprocess(em.stock), device)
+
+
+def run_case(case: Case, device: torch.device, dtype, repeats: int, zipf_s: float, seed: int = 0) -> dict:
+    """All dispatcher measurements of one case (see the module docstring)."""
+    result = dataclasses.asdict(case)
+    result["extra_bytes"] = dispatch_extra_bytes(case, device, dtype)
+    with emulate(case, device, dtype, zipf_s, seed, fresh_draws=max(repeats, 2) + 1) as em:
+        def preprocess(dispatcher, fresh: bool):
             def work():
-                current["micro"] = next(cycle)
-                dispatcher._plans.clear()
-                dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+                if fresh:
+                    em.next_counts()
+                    dispatcher._plans.clear()
+                dispatcher.dispatch_preprocess(em.hidden, em.routing_map, em.probs)
             return work
 
-        for name, dispatcher in (("overlapped", micro), ("serial", serial)):
+        for name, dispatcher in (("stock", em.stock), ("micro_ep", em.micro)):
+            result[f"dispatch_ms_{name}"] = _median_ms(
+                lambda: _layer_pass(dispatcher, em.hidden, em.routing_map, em.probs, backward=True), repeats, device)
+        result["preprocess_ms_cached_plan"] = _median_ms(preprocess(em.micro, fresh=False), repeats, device)
+        for name, dispatcher in (("overlapped", em.micro), ("serial", em.serial)):
             dispatcher.stats.reset()
-            ms = _median_ms(fresh_plan(dispatcher), repeats, device)
+            ms = _median_ms(preprocess(dispatcher, fresh=True), repeats, device)
             result[f"exposed_plan_ms_{name}"] = max(ms - result["preprocess_ms_cached_plan"], 0.0)
             result[f"plan_ms_{name}"] = dispatcher.stats.schedule_ms_total / max(dispatcher.stats.steps, 1)
     return result

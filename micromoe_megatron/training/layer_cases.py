@@ -24,8 +24,9 @@ HIDDEN, FFN, SEQ, BATCH = 16, 32, 8, 4
 
 
 def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn: int = FFN,
-               recompute: bool = False, tp: int = 1) -> TransformerConfig:
-    """A one-layer fp32 MoE config (alltoall dispatcher, no aux loss, no dropout)."""
+               recompute: bool = False, tp: int = 1, **overrides) -> TransformerConfig:
+    """A one-layer fp32 MoE config (alltoall dispatcher, no aux loss, no dropout); ``overrides``
+    are further TransformerConfig fields."""
     recompute_args = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
     # MoE with TP > 1 needs sequence parallelism (Megatron refuses otherwise); experts stay unsharded.
     tp_args = dict(tensor_model_parallel_size=tp, sequence_parallel=True, expert_tensor_parallel_size=1) \
@@ -37,7 +38,7 @@ def moe_config(num_experts: int, top_k: int, ep: int, hidden: int = HIDDEN, ffn:
         moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, add_bias_linear=False,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, params_dtype=torch.float32,
         moe_router_pre_softmax=top_k == 1,
-        hidden_dropout=0.0, attention_dropout=0.0)
+        hidden_dropout=0.0, attention_dropout=0.0, **overrides)
 
 
 def seeded(shape, seed: int, scale: float = 0.2) -> torch.Tensor:
