@@ -5,10 +5,10 @@ Prints the MoE-layer forward+backward time of both (median over steps, slowest r
 ratio, and under forced imbalance the straggler proxy: max over ranks of per-rank expert compute
 time. Then the dispatcher's peak extra memory over stock at paper sizes (T = 8k-16k tokens per
 rank, E = 256, d = 2-4, top-8), measured on the CPU with a live-tensor accounting of
-``dispatch_preprocess`` (training/gpu_bench.py ``LiveBytes``; one rank of the group emulated with
-the fake process group). The hidden size there is small (``--memory-hidden``): the index and
-routing-map terms do not depend on it, the chunk sort's copy of the routed tokens scales with it
-and is also printed at H = 4096, bf16.
+``dispatch_preprocess`` and of the whole forward pass (training/gpu_bench.py ``LiveBytes``; one rank
+of the group emulated with the fake process group). The hidden size there is small
+(``--memory-hidden``): the index and routing-map terms do not depend on it; the activation
+buffers scale with it (the chunk sort holds a second copy of the routed tokens while it runs).
 Usage: PYTHONPATH=. python scripts/bench_dispatcher.py [--steps N] [--json] [--skip-layer] [--skip-memory]
 """
 
@@ -58,9 +58,9 @@ def memory_rows(hidden: int) -> list:
     for tokens, experts, replicas in MEMORY_SIZES:
         print(f"memory T={tokens} E={experts} d={replicas} ...", file=sys.stderr, flush=True)
         case = gpu_bench.Case(tokens, hidden, experts, ep=8, replicas=replicas, top_k=8)
+        extra = gpu_bench.dispatch_extra_bytes(case, torch.device("cpu"), torch.float32)
         rows.append({"tokens": tokens, "experts": experts, "replicas": replicas, "top_k": 8, "hidden": hidden,
-                     "extra_bytes": gpu_bench.dispatch_extra_bytes(case, torch.device("cpu"), torch.float32),
-                     "chunk_sort_bytes_h4096_bf16": tokens * 8 * 4096 * 2})
+                     "extra_bytes_preprocess": extra["preprocess"], "extra_bytes_forward": extra["forward"]})
     return rows
 
 
@@ -90,11 +90,11 @@ def main() -> None:
               f"MicroEP {r['micro_ep_max_expert_ms']:.2f} ms; schedule {r['schedule_ms']:.3f} ms; "
               f"GPU max/mean {r['imbalance_before']:.3f} -> {r['imbalance_after']:.3f}")
     if memory:
-        print(f"dispatch_preprocess peak extra bytes over stock (CPU live-tensor accounting, fp32, "
-              f"hidden {args.memory_hidden}, EP 8, top-8; the chunk sort's token copy at H 4096 bf16 beside it):")
+        print(f"peak extra bytes over stock, one rank (CPU live-tensor accounting, fp32, hidden "
+              f"{args.memory_hidden}, EP 8, top-8): inside dispatch_preprocess / over the forward pass")
     for r in memory:
-        print(f"  T={r['tokens']:>5} E={r['experts']} d={r['replicas']}: {r['extra_bytes'] / 2**20:8.2f} MiB measured; "
-              f"chunk-sort copy at H 4096 bf16 {r['chunk_sort_bytes_h4096_bf16'] / 2**20:.0f} MiB")
+        print(f"  T={r['tokens']:>5} E={r['experts']} d={r['replicas']}: {r['extra_bytes_preprocess'] / 2**20:8.2f} MiB"
+              f" / {r['extra_bytes_forward'] / 2**20:8.2f} MiB")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ Per case (tokens T, hidden H, experts E, replicas d; EP and top-k fixed) it meas
 * ``exposed_plan_ms``: what planning adds to ``dispatch_preprocess`` (fresh counts every step, so
   the planner really solves) beyond the cached-plan time, as shipped (the host solves while the
   device permutes) and serialised (the device drained before the solve: no overlap).
-* ``extra_bytes``: peak bytes allocated inside ``dispatch_preprocess``, MicroEP minus stock. On GPU
-  from the caching allocator's peak; on CPU from a live-tensor accounting (``LiveBytes``).
+* ``extra_bytes`` / ``extra_bytes_forward``: peak bytes allocated inside ``dispatch_preprocess`` /
+  over the forward pass, MicroEP minus stock. On GPU from the caching allocator's peak; on CPU from
+  a live-tensor accounting (``LiveBytes``).
 * ``gemm``: grouped expert GEMM (fc1 + fc2, forward + backward) ms and TFLOPS against the tokens
   on this rank, for the ``E / EP`` local experts: TransformerEngine ``GroupedLinear`` where it
   imports, else one torch matmul per expert.
@@ -303,18 +304,26 @@ def emulate(case: Case, device: torch.device, dtype, zipf_s: float = 1.0, seed: 
                         lambda: current.__setitem__("micro", next(cycle)))
 
 
-def dispatch_extra_bytes(case: Case, device: torch.device, dtype) -> int:
-    """Peak bytes allocated inside ``dispatch_preprocess``, MicroEP minus stock (plan not cached)."""
+def dispatch_extra_bytes(case: Case, device: torch.device, dtype) -> dict:
+    """Peak bytes allocated, MicroEP minus stock (plan not cached): ``preprocess`` inside
+    ``dispatch_preprocess`` (where the old ``to_physical`` built its ``[T, d * E]`` tables), and
+    ``forward`` over the whole forward pass, dispatch to combine (the layer's peak)."""
     with emulate(case, device, dtype, fresh_draws=1) as em:
         def preprocess(dispatcher):
             return lambda: dispatcher.dispatch_preprocess(em.hidden, em.routing_map, em.probs)
-        return peak_bytes(preprocess(em.micro), device) - peak_bytes(preprocess(em.stock), device)
+
+        def forward(dispatcher):
+            return lambda: _layer_pass(dispatcher, em.hidden, em.routing_map, em.probs, backward=False)
+
+        return {scope: peak_bytes(work(em.micro), device) - peak_bytes(work(em.stock), device)
+                for scope, work in (("preprocess", preprocess), ("forward", forward))}
 
 
 def run_case(case: Case, device: torch.device, dtype, repeats: int, zipf_s: float, seed: int = 0) -> dict:
     """All dispatcher measurements of one case (see the module docstring)."""
     result = dataclasses.asdict(case)
-    result["extra_bytes"] = dispatch_extra_bytes(case, device, dtype)
+    extra = dispatch_extra_bytes(case, device, dtype)
+    result["extra_bytes"], result["extra_bytes_forward"] = extra["preprocess"], extra["forward"]
     with emulate(case, device, dtype, zipf_s, seed, fresh_draws=max(repeats, 2) + 1) as em:
         def preprocess(dispatcher, fresh: bool):
             def work():
@@ -415,7 +424,7 @@ def main(argv=None) -> dict:
           f"E={sizes['experts']}, EP={sizes['ep']}", flush=True)
     results = {"device": name, "dtype": str(dtype), "torch": torch.__version__, "zipf_s": args.zipf, "cases": []}
     print(f"{'T':>6} {'H':>5} {'d':>2} {'F':>3} | dispatch fwd+bwd ms stock  MicroEP | plan ms | exposed plan ms "
-          f"overlapped  serial | extra MB")
+          f"overlapped  serial | extra MiB preprocess  forward")
     for tokens, hidden, replicas in itertools.product(sizes["tokens"], sizes["hidden"], sizes["replicas"]):
         case = Case(tokens, hidden, sizes["experts"], sizes["ep"], replicas, sizes["top_k"])
         r = run_case(case, device, dtype, sizes["repeats"], args.zipf)
@@ -423,7 +432,7 @@ def main(argv=None) -> dict:
         print(f"{tokens:>6} {hidden:>5} {replicas:>2} {case.num_gpus:>3} | {r['dispatch_ms_stock']:>24.3f} "
               f"{r['dispatch_ms_micro_ep']:>8.3f} | {r['plan_ms_overlapped']:>7.3f} | "
               f"{r['exposed_plan_ms_overlapped']:>26.3f} {r['exposed_plan_ms_serial']:>7.3f} | "
-              f"{r['extra_bytes'] / 2**20:>8.2f}", flush=True)
+              f"{r['extra_bytes'] / 2**20:>20.2f} {r['extra_bytes_forward'] / 2**20:>8.2f}", flush=True)
     local = sizes["experts"] // sizes["ep"]
     ffn = args.ffn or sizes["hidden"][0]
     results["gemm"] = time_grouped_gemm(sizes["gemm_tokens"], local, sizes["hidden"][0], ffn, device, dtype,
