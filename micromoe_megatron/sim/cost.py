@@ -2,7 +2,8 @@
 
 Every number is an assumption printed with the results (``CostModel.describe``). Defaults are for
 H100 SXM in BF16; ``calibrate_gemm`` replaces the GEMM throughput with one measured on this
-machine's device.
+machine's device, ``calibrate_from_gpu_bench`` with the grouped GEMM that ``scripts/gpu_bench.sh``
+measured (on a GPU box, read back anywhere).
 """
 
 from __future__ import annotations
@@ -159,3 +160,33 @@ def calibrate_gemm(shape: ModelShape, base: CostModel | None = None, device: str
     return replace(base, expert_tflops=tflops, dense_tflops=base.dense_tflops * scale,
                    source=f"GEMM measured on {name} ({dtype}, {tokens}x{shape.hidden}x{shape.ffn_hidden}): "
                           f"{tflops:.2f} TFLOPS")
+
+
+def calibrate_from_gpu_bench(bench: str | dict, shape: ModelShape, base: CostModel | None = None) -> CostModel:
+    """Use the grouped expert GEMM throughput measured by ``scripts/gpu_bench.sh`` for the experts.
+
+    ``bench`` is its JSON (path or loaded dict): ``gemm.rows`` hold ``tokens`` (on one GPU) and
+    ``tflops``. The throughput at this shape's balanced tokens per GPU (``tokens_per_gpu * top_k``)
+    is interpolated on log(tokens), clamped to the measured range; the dense-part throughput is
+    scaled by the same factor relative to the defaults, as in ``calibrate_gemm``.
+
+    Raises:
+        ValueError: the file has no GEMM rows (names the file and how to make one).
+    """
+    import json
+
+    label = bench if isinstance(bench, str) else "the gpu_bench results"
+    if isinstance(bench, str):
+        with open(bench) as f:
+            bench = json.load(f)
+    rows = sorted((bench.get("gemm") or {}).get("rows") or [], key=lambda row: row["tokens"])
+    if not rows:
+        raise ValueError(f"{label}: no gemm.rows; write one with scripts/gpu_bench.sh --json PATH")
+    base = base or CostModel()
+    tokens = shape.tokens_per_gpu * shape.top_k
+    tflops = float(np.interp(np.log(tokens), np.log([r["tokens"] for r in rows]), [r["tflops"] for r in rows]))
+    gemm = bench["gemm"]
+    return replace(base, expert_tflops=tflops, dense_tflops=base.dense_tflops * tflops / base.expert_tflops,
+                   source=f"grouped GEMM measured by gpu_bench on {bench.get('device', '?')} "
+                          f"({gemm.get('backend', '?')}, H {gemm.get('hidden')}, FFN {gemm.get('ffn_hidden')}): "
+                          f"{tflops:.2f} TFLOPS at {tokens} tokens per GPU")
