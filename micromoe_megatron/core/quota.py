@@ -24,7 +24,7 @@ Algorithm (a max flow with locality-aware augmenting paths; deterministic, no so
   ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and rebuild (a cutting plane on Eq. 3);
 * finally win back held tokens along cycles that cost no other local token (``_reclaim``).
 
-Small graphs run the steps as plain Python loops; large ones use numpy rounds and Dinic-style
+The steps run as compiled loops (``core.kernels``, numba); an optional numpy path adds Dinic-style
 blocking-flow phases before the same exact augmenting-path step. Counts are exact below 2**53.
 
 The final ``T`` is certified optimal: the plan proves ``ceil(t*) <= T`` and the last cut ``S``
@@ -35,7 +35,6 @@ The final ``T`` is certified optimal: the plan proves ``ceil(t*) <= T`` and the 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +44,6 @@ _UNREACHABLE = np.iinfo(np.int64).max // 4
 # t* = (integer load) / (subset size <= F) lies >= 1/F from any integer it is not equal to; this
 # tolerance only absorbs the simplex's floating-point noise.
 _OPTIMUM_TOLERANCE = 1e-6
-
-
-# Columns (expert, holder) above which numpy beats plain Python loops on this problem.
-VECTORISE_ABOVE = 256
 
 
 class PlanWorkLimit(RuntimeError):
@@ -73,10 +68,10 @@ class QuotaPlanner:
     Args:
         holder_table: int ``[E, D]`` holder GPUs per expert, -1 padding (``Placement.holder_table``).
         num_gpus: ``F``.
-        vectorised: numpy rounds and blocking-flow phases (large graphs) or plain loops over the
-            columns (small graphs, where numpy's per-call cost dominates). Default: vectorised
-            above ``VECTORISE_ABOVE`` columns. A function of the placement only, so every rank
-            takes the same path.
+        vectorised: numpy rounds and blocking-flow phases before the compiled augmenting paths
+            (the planner's earlier large-graph path, kept as a second implementation the tests
+            check), or the compiled loops alone (``core.kernels``, the default at every size).
+            A function of the placement only, so every rank takes the same path.
     """
 
     def __init__(self, holder_table: np.ndarray, num_gpus: int, vectorised: bool | None = None) -> None:
@@ -105,15 +100,17 @@ class QuotaPlanner:
         else:
             self.pair_src = self.pair_dst = np.zeros(0, dtype=np.int64)
         self.pair_from, self.pair_to = self.col_gpu[self.pair_src], self.col_gpu[self.pair_dst]
-        # Python adjacency for the final augmenting-path phase.
-        self._cols_on = [[] for _ in range(num_gpus)]
-        self._cols_of = [[] for _ in range(self.num_experts)]
-        for c, (e, g) in enumerate(zip(self.col_expert.tolist(), self.col_gpu.tolist())):
-            self._cols_on[g].append(c)
-            self._cols_of[e].append(c)
-        self._col_expert_list = self.col_expert.tolist()
-        self._col_gpu_list = self.col_gpu.tolist()
-        self.vectorised = self.col_expert.size > VECTORISE_ABOVE if vectorised is None else vectorised
+        # CSR adjacency for the compiled kernels: columns on each GPU (ascending), columns of each
+        # expert (contiguous, expert-major).
+        self._on_cols = np.argsort(self.col_gpu, kind="stable").astype(np.int64)
+        self._on_start = np.searchsorted(self.col_gpu[self._on_cols], np.arange(num_gpus + 1)).astype(np.int64)
+        self._of_start = np.searchsorted(self.col_expert, np.arange(self.num_experts + 1)).astype(np.int64)
+        self.col_gpu = np.ascontiguousarray(self.col_gpu, dtype=np.int64)
+        self.col_expert = np.ascontiguousarray(self.col_expert, dtype=np.int64)
+        self._reached = np.zeros(num_gpus, dtype=bool)
+        self.vectorised = False if vectorised is None else vectorised
+        from . import kernels  # numba: imported (and compiled, or loaded from its cache) on first use
+        self._kernels = kernels
 
     def solve(self, tokens: np.ndarray, work_limit: int | None = None, lp_optimum=None) -> QuotaResult:
         """Quota for int64 ``tokens [F, E]`` (already validated).
@@ -129,6 +126,7 @@ class QuotaPlanner:
             PlanWorkLimit: more than ``work_limit`` augmenting paths were needed.
         """
         f = self.num_gpus
+        tokens = np.asarray(tokens, dtype=np.int64)
         load = tokens.sum(axis=0)
         total = int(load.sum())
         capacity = -(-total // f)
@@ -141,6 +139,8 @@ class QuotaPlanner:
             induced, size = int(set_load[densest]), int(self._set_size[densest])
             capacity, bound = -(-induced // size), induced / size
         held = tokens[self.col_gpu, self.col_expert]                     # [C] tokens already on holder
+        held_gpu_load = np.bincount(self.col_gpu, weights=held, minlength=f).astype(np.int64)
+        pool_start = load - np.bincount(self.col_expert, weights=held, minlength=self.num_experts).astype(np.int64)
         first = True
         while True:
             # Build at this capacity from scratch: moves made for a lower capacity would only
@@ -148,13 +148,11 @@ class QuotaPlanner:
             # every rank, whether or not its LP call succeeded: it binds the first build (live,
             # the same everywhere) and the final build at T (checked at the end, the same
             # everywhere), never the builds in between that only some ranks make.
-            quota = held.copy()
-            gpu_load = np.bincount(self.col_gpu, weights=quota, minlength=f).astype(np.int64)
-            pool = load - np.bincount(self.col_expert, weights=quota, minlength=self.num_experts).astype(np.int64)
+            quota, gpu_load, pool = held.copy(), held_gpu_load.copy(), pool_start.copy()
             if self.vectorised:
                 self._place_pool(quota, gpu_load, pool, capacity)
             else:
-                self._place_pool_loop(quota, gpu_load, pool, capacity)
+                self._kernels.place_pool(quota, gpu_load, pool, capacity, self._of_start, self.col_gpu)
             cut, work = None, 0
             if gpu_load.max(initial=0) > capacity:
                 if self.vectorised:
@@ -164,7 +162,8 @@ class QuotaPlanner:
                     cut, paths = self._drain(quota, held, gpu_load, capacity, limit)
                     work += paths
                 if cut is None:
-                    work += self._reclaim(quota, held, gpu_load, capacity)
+                    work += self._kernels.reclaim(quota, held, gpu_load, capacity, self._on_start, self._on_cols,
+                                                  self._of_start, self.col_gpu, self.col_expert)
             if cut is None:
                 if work_limit is not None and work > work_limit:
                     raise PlanWorkLimit(f"planner needed {work} augmenting paths, more than {work_limit}")
@@ -242,29 +241,6 @@ class QuotaPlanner:
         inside = (closed[self.safe_table] | ~self.valid).all(axis=1)
         return int(load[inside].sum()), int(closed.sum())
 
-    def _place_pool_loop(self, quota_array, gpu_load_array, pool_array, capacity) -> None:
-        """``_place_pool`` for small graphs: expert by expert, each to its holders with the most
-        spare capacity first (lowest holder on ties); the rest to the least loaded holder."""
-        quota, gpu_load = quota_array.tolist(), gpu_load_array.tolist()
-        col_gpu = self._col_gpu_list
-        pool = pool_array.tolist()
-        for e in np.flatnonzero(pool_array).tolist():
-            left = pool[e]
-            columns = self._cols_of[e]
-            while left:
-                best, room = -1, None
-                for c in columns:
-                    spare = capacity - gpu_load[col_gpu[c]]
-                    if room is None or spare > room:
-                        best, room = c, spare
-                amount = left if room <= 0 else min(left, room)
-                quota[best] += amount
-                gpu_load[col_gpu[best]] += amount
-                left -= amount
-        quota_array[:] = quota
-        gpu_load_array[:] = gpu_load
-        pool_array[:] = 0
-
     def _push_phases(self, quota, held, gpu_load, load, capacity, max_phases: int = 32):
         """Vectorised blocking-flow phases (Dinic-style levels, push-relabel-style pushes).
 
@@ -331,159 +307,17 @@ class QuotaPlanner:
                 gpu_load += np.bincount(self.col_gpu[dst], weights=amount, minlength=f).astype(np.int64)
         return None, phases
 
-    def _reclaim(self, quota_array, held_array, gpu_load_array, capacity) -> int:
-        """Win back held tokens that were moved away, along cycles that cost no other local token.
-
-        For a column c (expert e on GPU g) with quota below its held tokens, take quota of e from
-        a holder h where it exceeds h's held tokens (already remote there), and make room on g by
-        moving remote quota along a BFS path to a GPU with spare capacity or to h. Each unit
-        moved keeps one more token local. In place, fixed order; returns the cycles used.
-        """
-        deficit = np.flatnonzero(quota_array < held_array)
-        if not deficit.size:
-            return 0
-        quota, held = quota_array.tolist(), held_array.tolist()
-        gpu_load = gpu_load_array.tolist()
-        cols_on, cols_of = self._cols_on, self._cols_of
-        col_gpu, col_expert = self._col_gpu_list, self._col_expert_list
-        cycles = 0
-        for c in deficit.tolist():
-            g = col_gpu[c]
-            for donor in cols_of[col_expert[c]]:
-                if quota[c] >= held[c]:
-                    break
-                if donor == c or quota[donor] <= held[donor]:
-                    continue
-                h = col_gpu[donor]
-                want = min(held[c] - quota[c], quota[donor] - held[donor])
-                path = []
-                if gpu_load[g] >= capacity:
-                    # BFS from g over remote quota to a GPU with room (h will have room).
-                    parent = {g: None}
-                    frontier, target = [g], -1
-                    while frontier and target < 0:
-                        nxt = []
-                        for x in frontier:
-                            for c1 in cols_on[x]:
-                                if quota[c1] <= held[c1] or c1 == c:
-                                    continue
-                                for c2 in cols_of[col_expert[c1]]:
-                                    y = col_gpu[c2]
-                                    if y in parent:
-                                        continue
-                                    parent[y] = (x, c1, c2)
-                                    if y == h or gpu_load[y] < capacity:
-                                        target = y
-                                        break
-                                    nxt.append(y)
-                                if target >= 0:
-                                    break
-                            if target >= 0:
-                                break
-                        frontier = nxt
-                    if target < 0:
-                        continue
-                    node = target
-                    while parent[node] is not None:
-                        x, c1, c2 = parent[node]
-                        path.append((c1, c2))
-                        want = min(want, quota[c1] - held[c1])
-                        node = x
-                    if target != h:
-                        want = min(want, capacity - gpu_load[target])
-                    gpu_load[target] += want
-                    gpu_load[g] -= want
-                else:
-                    want = min(want, capacity - gpu_load[g])
-                for c1, c2 in path:
-                    quota[c1] -= want
-                    quota[c2] += want
-                quota[donor] -= want
-                quota[c] += want
-                gpu_load[h] -= want
-                gpu_load[g] += want
-                cycles += 1
-        quota_array[:] = quota
-        gpu_load_array[:] = gpu_load
-        return cycles
-
-    def _drain(self, quota_array, held_array, gpu_load_array, capacity, work_limit):
-        """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS), in
-        place. Returns (cut, paths): cut is None when done, else a ``[F]`` bool GPU set closed
-        under the edges, all at or above capacity, one above (so its Eq. 3 density > capacity)."""
-        quota, held = quota_array.tolist(), held_array.tolist()
-        gpu_load = gpu_load_array.tolist()
-        cols_on, cols_of = self._cols_on, self._cols_of
-        col_gpu, col_expert = self._col_gpu_list, self._col_expert_list
-        paths = 0
-        source = 0
-        while True:
-            while source < self.num_gpus and gpu_load[source] <= capacity:
-                source += 1
-            if source == self.num_gpus:
-                break
-            if work_limit is not None and paths >= work_limit:
-                raise PlanWorkLimit(f"planner needed more than {work_limit} augmenting paths")
-            # 0-1 BFS over GPUs. Moving quota that exceeds the held tokens costs 0 (already remote),
-            # moving held tokens costs 1 (one more remote token). GPUs with spare capacity are
-            # targets, taken in order of cost (pop order); the tree serves several augmentations.
-            cost = {source: 0}
-            parent = {source: None}
-            done = set()
-            queue = deque([source])
-            targets = []
-            while queue:
-                g = queue.popleft()
-                if g in done:
-                    continue
-                done.add(g)
-                if gpu_load[g] < capacity:
-                    targets.append(g)
-                    continue
-                base = cost[g]
-                for c in cols_on[g]:
-                    if quota[c] == 0:
-                        continue
-                    step = 0 if quota[c] > held[c] else 1
-                    for c2 in cols_of[col_expert[c]]:
-                        h = col_gpu[c2]
-                        if h in done or cost.get(h, 1 << 62) <= base + step:
-                            continue
-                        cost[h] = base + step
-                        parent[h] = (g, c, c2, step)
-                        if step:
-                            queue.append(h)
-                        else:
-                            queue.appendleft(h)
-            if not targets:
-                # Nothing reachable has spare capacity: the reached GPUs S certify t* > capacity.
-                reached = np.zeros(self.num_gpus, dtype=bool)
-                reached[list(parent)] = True
-                return reached, paths
-            for target in targets:
-                excess = gpu_load[source] - capacity
-                if excess <= 0:
-                    break
-                amount = min(excess, capacity - gpu_load[target])
-                path, node = [], target
-                while parent[node] is not None:
-                    g, c, c2, step = parent[node]
-                    # Earlier augmentations may have used this edge: recheck it at its cost.
-                    room = quota[c] - held[c] if quota[c] > held[c] else (quota[c] if step else 0)
-                    amount = min(amount, room)
-                    path.append((c, c2))
-                    node = g
-                if amount <= 0:
-                    continue
-                for c, c2 in path:
-                    quota[c] -= amount
-                    quota[c2] += amount
-                gpu_load[source] -= amount
-                gpu_load[target] += amount
-                paths += 1
-        quota_array[:] = quota
-        gpu_load_array[:] = gpu_load
-        return None, paths
+    def _drain(self, quota, held, gpu_load, capacity, work_limit):
+        """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS, compiled
+        ``kernels.drain``), in place. Returns (cut, paths): cut is None when done, else a ``[F]``
+        bool GPU set closed under the edges, all at or above capacity, one above (so its Eq. 3
+        density > capacity)."""
+        status, paths = self._kernels.drain(quota, held, gpu_load, capacity, -1 if work_limit is None else work_limit,
+                                            self._on_start, self._on_cols, self._of_start, self.col_gpu,
+                                            self.col_expert, self._reached)
+        if status == self._kernels.OVER_LIMIT:
+            raise PlanWorkLimit(f"planner needed more than {work_limit} augmenting paths")
+        return (self._reached.copy() if status == self._kernels.CUT else None), paths
 
 
 def _fill_groups(group: np.ndarray, capacity: np.ndarray, budget: np.ndarray) -> np.ndarray:

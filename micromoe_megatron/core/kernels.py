@@ -1,0 +1,332 @@
+"""Compiled inner loops of the planner and the router (numba, ``cache=True``; pure functions on arrays).
+
+Each kernel is the array form of the loop it replaces in ``core.quota`` / ``core.routing`` and
+takes the same decisions in the same order, so plans are the same bytes as the plain-Python
+loops (``tests/test_kernels.py`` runs every kernel's ``py_func`` against the compiled code).
+
+Graph layout (a placement's columns, one per (expert, holder), expert-major as in
+``QuotaPlanner``): ``col_gpu [C]``, ``col_expert [C]``; CSR lists ``on_start [F+1]``/``on_cols [C]``
+(columns on each GPU, ascending) and ``of_start [E+1]`` (the columns of expert ``e`` are
+``of_start[e]:of_start[e+1]``, holder order). Counts are int64, exact below 2**62.
+
+Compilation is lazy (first call) and cached on disk next to this file; numba is imported only
+when a planner is built, so ``import micromoe_megatron.core`` stays light.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_FAR = np.int64(1) << np.int64(62)
+
+# Kernel status codes (``drain``).
+DONE, CUT, OVER_LIMIT = 0, 1, 2
+
+
+@njit(cache=True, nogil=True)
+def place_pool(quota, gpu_load, pool, capacity, of_start, col_gpu):  # pragma: no cover - compiled
+    """Each expert in order puts its pool on its holders, most spare capacity first (lowest
+    holder on ties); what no holder has room for goes to the least loaded one. In place."""
+    for e in range(pool.size):
+        left = pool[e]
+        while left > 0:
+            best = -1
+            room = np.int64(0)
+            for c in range(of_start[e], of_start[e + 1]):
+                spare = capacity - gpu_load[col_gpu[c]]
+                if best < 0 or spare > room:
+                    best, room = c, spare
+            amount = left if room <= 0 else min(left, room)
+            quota[best] += amount
+            gpu_load[col_gpu[best]] += amount
+            left -= amount
+        pool[e] = 0
+
+
+@njit(cache=True, nogil=True)
+def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_start, col_gpu, col_expert,
+          reached):  # pragma: no cover - compiled
+    """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS). In place.
+
+    Moving quota above a column's held tokens costs 0 (already remote), held tokens cost 1.
+    GPUs with spare capacity are targets in pop order; one BFS tree serves several augmentations.
+    ``work_limit < 0``: unlimited. Returns ``(status, paths)``: ``DONE``; ``CUT`` with ``reached
+    [F]`` set to the GPUs the BFS reached (closed, Eq. 3 density > capacity); or ``OVER_LIMIT``.
+    """
+    f = gpu_load.size
+    pairs = 0
+    for e in range(of_start.size - 1):
+        w = of_start[e + 1] - of_start[e]
+        pairs += w * w
+    size = 2 * (pairs + f) + 2
+    queue = np.empty(size, dtype=np.int64)
+    cost = np.empty(f, dtype=np.int64)
+    par_g = np.empty(f, dtype=np.int64)
+    par_c = np.empty(f, dtype=np.int64)
+    par_c2 = np.empty(f, dtype=np.int64)
+    par_step = np.empty(f, dtype=np.int64)
+    seen = np.empty(f, dtype=np.bool_)
+    done = np.empty(f, dtype=np.bool_)
+    targets = np.empty(f, dtype=np.int64)
+    path_c = np.empty(f, dtype=np.int64)
+    path_c2 = np.empty(f, dtype=np.int64)
+    paths = 0
+    source = 0
+    while True:
+        while source < f and gpu_load[source] <= capacity:
+            source += 1
+        if source == f:
+            break
+        if work_limit >= 0 and paths >= work_limit:
+            return OVER_LIMIT, paths
+        cost[:] = _FAR
+        seen[:] = False
+        done[:] = False
+        cost[source] = 0
+        seen[source] = True
+        par_g[source] = -1
+        head = tail = size // 2
+        queue[tail] = source
+        tail += 1
+        num_targets = 0
+        while head < tail:
+            g = queue[head]
+            head += 1
+            if done[g]:
+                continue
+            done[g] = True
+            if gpu_load[g] < capacity:
+                targets[num_targets] = g
+                num_targets += 1
+                continue
+            base = cost[g]
+            for i in range(on_start[g], on_start[g + 1]):
+                c = on_cols[i]
+                if quota[c] == 0:
+                    continue
+                step = 0 if quota[c] > held[c] else 1
+                e = col_expert[c]
+                for c2 in range(of_start[e], of_start[e + 1]):
+                    h = col_gpu[c2]
+                    if done[h] or cost[h] <= base + step:
+                        continue
+                    cost[h] = base + step
+                    seen[h] = True
+                    par_g[h], par_c[h], par_c2[h], par_step[h] = g, c, c2, step
+                    if step:
+                        queue[tail] = h
+                        tail += 1
+                    else:
+                        head -= 1
+                        queue[head] = h
+        if num_targets == 0:
+            reached[:] = seen
+            return CUT, paths
+        for t in range(num_targets):
+            target = targets[t]
+            excess = gpu_load[source] - capacity
+            if excess <= 0:
+                break
+            amount = min(excess, capacity - gpu_load[target])
+            length = 0
+            node = target
+            while par_g[node] >= 0:
+                g, c, c2, step = par_g[node], par_c[node], par_c2[node], par_step[node]
+                # Earlier augmentations may have used this edge: recheck it at its cost.
+                if quota[c] > held[c]:
+                    room = quota[c] - held[c]
+                elif step:
+                    room = quota[c]
+                else:
+                    room = 0
+                amount = min(amount, room)
+                path_c[length] = c
+                path_c2[length] = c2
+                length += 1
+                node = g
+            if amount <= 0:
+                continue
+            for k in range(length):
+                quota[path_c[k]] -= amount
+                quota[path_c2[k]] += amount
+            gpu_load[source] -= amount
+            gpu_load[target] += amount
+            paths += 1
+    return DONE, paths
+
+
+@njit(cache=True, nogil=True)
+def reclaim(quota, held, gpu_load, capacity, on_start, on_cols, of_start, col_gpu,
+            col_expert):  # pragma: no cover - compiled
+    """Win back held tokens moved away, along cycles that cost no other local token. In place.
+
+    For a column c (expert e on GPU g) below its held tokens, take quota of e from a holder h
+    where it exceeds h's held tokens, and make room on g by moving remote quota along a BFS path
+    to a GPU with spare capacity or to h. Returns the cycles used.
+    """
+    f = gpu_load.size
+    parent_x = np.empty(f, dtype=np.int64)
+    parent_c1 = np.empty(f, dtype=np.int64)
+    parent_c2 = np.empty(f, dtype=np.int64)
+    seen = np.empty(f, dtype=np.bool_)
+    frontier = np.empty(f, dtype=np.int64)
+    nxt = np.empty(f, dtype=np.int64)
+    path_c1 = np.empty(f, dtype=np.int64)
+    path_c2 = np.empty(f, dtype=np.int64)
+    deficit = quota < held  # fixed at the start (cycles never create a deficit)
+    cycles = 0
+    for c in range(quota.size):
+        if not deficit[c]:
+            continue
+        g = col_gpu[c]
+        e = col_expert[c]
+        for donor in range(of_start[e], of_start[e + 1]):
+            if quota[c] >= held[c]:
+                break
+            if donor == c or quota[donor] <= held[donor]:
+                continue
+            h = col_gpu[donor]
+            want = min(held[c] - quota[c], quota[donor] - held[donor])
+            length = 0
+            if gpu_load[g] >= capacity:
+                seen[:] = False
+                seen[g] = True
+                parent_x[g] = -1
+                frontier[0] = g
+                size = 1
+                target = -1
+                while size > 0 and target < 0:
+                    next_size = 0
+                    for k in range(size):
+                        x = frontier[k]
+                        for i in range(on_start[x], on_start[x + 1]):
+                            c1 = on_cols[i]
+                            if quota[c1] <= held[c1] or c1 == c:
+                                continue
+                            e1 = col_expert[c1]
+                            for c2 in range(of_start[e1], of_start[e1 + 1]):
+                                y = col_gpu[c2]
+                                if seen[y]:
+                                    continue
+                                seen[y] = True
+                                parent_x[y], parent_c1[y], parent_c2[y] = x, c1, c2
+                                if y == h or gpu_load[y] < capacity:
+                                    target = y
+                                    break
+                                nxt[next_size] = y
+                                next_size += 1
+                            if target >= 0:
+                                break
+                        if target >= 0:
+                            break
+                    frontier[:next_size] = nxt[:next_size]
+                    size = next_size
+                if target < 0:
+                    continue
+                node = target
+                while parent_x[node] >= 0:
+                    c1 = parent_c1[node]
+                    path_c1[length] = c1
+                    path_c2[length] = parent_c2[node]
+                    length += 1
+                    want = min(want, quota[c1] - held[c1])
+                    node = parent_x[node]
+                if target != h:
+                    want = min(want, capacity - gpu_load[target])
+                gpu_load[target] += want
+                gpu_load[g] -= want
+            else:
+                want = min(want, capacity - gpu_load[g])
+            for k in range(length):
+                quota[path_c1[k]] -= want
+                quota[path_c2[k]] += want
+            quota[donor] -= want
+            quota[c] += want
+            gpu_load[h] -= want
+            gpu_load[g] += want
+            cycles += 1
+    return cycles
+
+
+@njit(cache=True, nogil=True)
+def _fill(supply, demand, e, sources, holders, routed, num_holders):  # pragma: no cover - compiled
+    """Pair ``supply[e, s]`` (sources in order) with ``demand[e, j]`` (holders in order) as ranges:
+    the first supply units to the first demand units, until either runs out. In place."""
+    i = 0
+    k = 0
+    while i < sources.size and k < holders.size:
+        s, j = sources[i], holders[k]
+        if supply[e, s] == 0:
+            i += 1
+            continue
+        if demand[e, j] == 0:
+            k += 1
+            continue
+        amount = min(supply[e, s], demand[e, j])
+        routed[s, e * num_holders + j] += amount
+        supply[e, s] -= amount
+        demand[e, j] -= amount
+
+
+@njit(cache=True, nogil=True)
+def route(tokens, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
+    """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order); see
+    ``core.routing.route_tokens``. ``gpus_per_node <= 0``: one node."""
+    num_gpus, num_experts = tokens.shape
+    num_holders = holder_table.shape[1]
+    supply = np.ascontiguousarray(tokens.T).copy()                    # [E, F]
+    demand = np.zeros((num_experts, num_holders), dtype=np.int64)
+    routed = np.zeros((num_gpus, num_experts * num_holders), dtype=np.int64)
+    node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
+    sources = np.empty(num_gpus, dtype=np.int64)
+    holders = np.empty(num_holders, dtype=np.int64)
+    for e in range(num_experts):
+        for j in range(num_holders):
+            g = holder_table[e, j]
+            if g >= 0:
+                demand[e, j] = quota[e, g]
+                local = min(supply[e, g], demand[e, j])               # tier 1: already there
+                routed[g, e * num_holders + j] = local
+                supply[e, g] -= local
+                demand[e, j] -= local
+        if node < num_gpus:                                           # tier 2: same node
+            for start in range(0, num_gpus, node):
+                count = 0
+                for j in range(num_holders):
+                    g = holder_table[e, j]
+                    if g >= start and g < start + node:
+                        holders[count] = j
+                        count += 1
+                if count:
+                    _fill(supply, demand, e, np.arange(start, start + node), holders[:count], routed, num_holders)
+        count = 0                                                     # tier 3: anywhere
+        for j in range(num_holders):
+            if holder_table[e, j] >= 0:
+                holders[count] = j
+                count += 1
+        for s in range(num_gpus):
+            sources[s] = s
+        _fill(supply, demand, e, sources, holders[:count], routed, num_holders)
+    lost = False
+    for e in range(num_experts):
+        for s in range(num_gpus):
+            if supply[e, s] != 0:
+                lost = True
+    nonzero = 0
+    for s in range(num_gpus):
+        for k in range(num_experts * num_holders):
+            if routed[s, k] != 0:
+                nonzero += 1
+    routes = np.empty((nonzero, 4), dtype=np.int64)
+    r = 0
+    for s in range(num_gpus):
+        for k in range(num_experts * num_holders):
+            if routed[s, k] != 0:
+                e = k // num_holders
+                routes[r, 0] = s
+                routes[r, 1] = e
+                routes[r, 2] = holder_table[e, k - e * num_holders]
+                routes[r, 3] = routed[s, k]
+                r += 1
+    return routes, lost
