@@ -250,36 +250,37 @@ def reclaim(quota, held, gpu_load, capacity, on_start, on_cols, of_start, col_gp
 
 
 @njit(cache=True, nogil=True)
-def _fill(supply, demand, e, sources, holders, routed, num_holders):  # pragma: no cover - compiled
-    """Pair ``supply[e, s]`` (sources in order) with ``demand[e, j]`` (holders in order) as ranges:
-    the first supply units to the first demand units, until either runs out. In place."""
-    i = 0
+def _fill(supply, demand, e, first, last, holders, count, routed, num_holders):  # pragma: no cover - compiled
+    """Pair ``supply[e, first:last]`` (sources in order) with ``demand[e, holders[:count]]``
+    (holders in order) as ranges: the first supply units to the first demand units, until
+    either runs out. In place."""
+    s = first
     k = 0
-    while i < sources.size and k < holders.size:
-        s, j = sources[i], holders[k]
+    while s < last and k < count:
+        j = holders[k]
         if supply[e, s] == 0:
-            i += 1
+            s += 1
             continue
         if demand[e, j] == 0:
             k += 1
             continue
         amount = min(supply[e, s], demand[e, j])
-        routed[s, e * num_holders + j] += amount
+        routed[e * num_holders + j, s] += amount
         supply[e, s] -= amount
         demand[e, j] -= amount
 
 
 @njit(cache=True, nogil=True)
-def route(tokens, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
-    """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order); see
-    ``core.routing.route_tokens``. ``gpus_per_node <= 0``: one node."""
-    num_gpus, num_experts = tokens.shape
+def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
+    """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order), and
+    whether tokens were left unrouted; see ``core.routing.route_tokens``. ``supply [E, F]`` (the
+    counts transposed, consumed in place); ``gpus_per_node <= 0``: one node."""
+    num_experts, num_gpus = supply.shape
     num_holders = holder_table.shape[1]
-    supply = np.ascontiguousarray(tokens.T).copy()                    # [E, F]
     demand = np.zeros((num_experts, num_holders), dtype=np.int64)
-    routed = np.zeros((num_gpus, num_experts * num_holders), dtype=np.int64)
+    # [(expert, holder), source]: the fills write along contiguous rows.
+    routed = np.zeros((num_experts * num_holders, num_gpus), dtype=np.int64)
     node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
-    sources = np.empty(num_gpus, dtype=np.int64)
     holders = np.empty(num_holders, dtype=np.int64)
     for e in range(num_experts):
         for j in range(num_holders):
@@ -287,7 +288,7 @@ def route(tokens, quota, holder_table, gpus_per_node):  # pragma: no cover - com
             if g >= 0:
                 demand[e, j] = quota[e, g]
                 local = min(supply[e, g], demand[e, j])               # tier 1: already there
-                routed[g, e * num_holders + j] = local
+                routed[e * num_holders + j, g] = local
                 supply[e, g] -= local
                 demand[e, j] -= local
         if node < num_gpus:                                           # tier 2: same node
@@ -299,34 +300,37 @@ def route(tokens, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                         holders[count] = j
                         count += 1
                 if count:
-                    _fill(supply, demand, e, np.arange(start, start + node), holders[:count], routed, num_holders)
+                    _fill(supply, demand, e, start, start + node, holders, count, routed, num_holders)
         count = 0                                                     # tier 3: anywhere
         for j in range(num_holders):
             if holder_table[e, j] >= 0:
                 holders[count] = j
                 count += 1
-        for s in range(num_gpus):
-            sources[s] = s
-        _fill(supply, demand, e, sources, holders[:count], routed, num_holders)
+        _fill(supply, demand, e, 0, num_gpus, holders, count, routed, num_holders)
     lost = False
     for e in range(num_experts):
         for s in range(num_gpus):
             if supply[e, s] != 0:
                 lost = True
-    nonzero = 0
+    # Counting sort by source; scanning (expert, holder) in order keeps each source's rows sorted.
+    offset = np.zeros(num_gpus + 1, dtype=np.int64)
+    for k in range(num_experts * num_holders):
+        for s in range(num_gpus):
+            if routed[k, s] != 0:
+                offset[s + 1] += 1
     for s in range(num_gpus):
-        for k in range(num_experts * num_holders):
-            if routed[s, k] != 0:
-                nonzero += 1
-    routes = np.empty((nonzero, 4), dtype=np.int64)
-    r = 0
-    for s in range(num_gpus):
-        for k in range(num_experts * num_holders):
-            if routed[s, k] != 0:
-                e = k // num_holders
+        offset[s + 1] += offset[s]
+    routes = np.empty((offset[num_gpus], 4), dtype=np.int64)
+    for k in range(num_experts * num_holders):
+        e = k // num_holders
+        g = holder_table[e, k - e * num_holders]
+        for s in range(num_gpus):
+            amount = routed[k, s]
+            if amount != 0:
+                r = offset[s]
                 routes[r, 0] = s
                 routes[r, 1] = e
-                routes[r, 2] = holder_table[e, k - e * num_holders]
-                routes[r, 3] = routed[s, k]
-                r += 1
+                routes[r, 2] = g
+                routes[r, 3] = amount
+                offset[s] = r + 1
     return routes, lost

@@ -35,7 +35,7 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holder_table: np.ndarray
     quota = np.asarray(quota, dtype=np.int64)
     if not np.array_equal(tokens.sum(axis=0), quota.sum(axis=1)):
         raise ValueError("quota does not cover the tokens: row sums of quota must equal expert loads")
-    routes, lost = kernels.route(np.ascontiguousarray(tokens), np.ascontiguousarray(quota),
+    routes, lost = kernels.route(np.ascontiguousarray(tokens.T), np.ascontiguousarray(quota),
                                  np.ascontiguousarray(holder_table, dtype=np.int64), gpus_per_node or 0)
     if lost:
         raise ValueError("routing lost tokens: quota must be 0 off the holders")
