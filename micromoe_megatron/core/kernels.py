@@ -20,8 +20,9 @@ from numba import njit
 
 _FAR = np.int64(1) << np.int64(62)
 
-# Kernel status codes (``drain``).
+# Kernel status codes (``drain``, ``build``; ``route``).
 DONE, CUT, OVER_LIMIT = 0, 1, 2
+UNCOVERED, LOST = 1, 2
 
 
 @njit(cache=True, nogil=True)
@@ -272,8 +273,9 @@ def _fill(supply, demand, e, first, last, holders, count, routed, num_holders): 
 
 @njit(cache=True, nogil=True)
 def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
-    """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order), and
-    whether tokens were left unrouted; see ``core.routing.route_tokens``. ``supply [E, F]`` (the
+    """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order), and a
+    status: 0, ``UNCOVERED`` (quota rows do not sum to the loads) or ``LOST`` (quota off the
+    holders left tokens unrouted); see ``core.routing.route_tokens``. ``supply [E, F]`` (the
     counts transposed, consumed in place); ``gpus_per_node <= 0``: one node."""
     num_experts, num_gpus = supply.shape
     num_holders = holder_table.shape[1]
@@ -282,6 +284,14 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
     routed = np.zeros((num_experts * num_holders, num_gpus), dtype=np.int64)
     node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
     holders = np.empty(num_holders, dtype=np.int64)
+    for e in range(num_experts):
+        row = np.int64(0)
+        for s in range(num_gpus):
+            row += supply[e, s]
+        for g in range(quota.shape[1]):
+            row -= quota[e, g]
+        if row != 0:
+            return np.zeros((0, 4), dtype=np.int64), UNCOVERED
     for e in range(num_experts):
         for j in range(num_holders):
             g = holder_table[e, j]
@@ -307,11 +317,10 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                 holders[count] = j
                 count += 1
         _fill(supply, demand, e, 0, num_gpus, holders, count, routed, num_holders)
-    lost = False
     for e in range(num_experts):
         for s in range(num_gpus):
             if supply[e, s] != 0:
-                lost = True
+                return np.zeros((0, 4), dtype=np.int64), LOST
     # Counting sort by source; scanning (expert, holder) in order keeps each source's rows sorted.
     offset = np.zeros(num_gpus + 1, dtype=np.int64)
     for k in range(num_experts * num_holders):
@@ -333,4 +342,120 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                 routes[r, 2] = g
                 routes[r, 3] = amount
                 offset[s] = r + 1
-    return routes, lost
+    return routes, 0
+
+
+@njit(cache=True, nogil=True)
+def prepare(tokens, col_gpu, col_expert, set_id, set_size):  # pragma: no cover - compiled
+    """One pass over ``tokens [F, E]``: expert loads ``[E]``, held tokens per column ``[C]``, the
+    load held on each GPU ``[F]``, each expert's tokens not on a holder ``[E]``, the total, and the
+    densest holder set (``argmax set_load / set_size``, first on ties) with its load."""
+    num_gpus, num_experts = tokens.shape
+    load = np.zeros(num_experts, dtype=np.int64)
+    for s in range(num_gpus):
+        for e in range(num_experts):
+            load[e] += tokens[s, e]
+    total = np.int64(0)
+    for e in range(num_experts):
+        total += load[e]
+    held = np.empty(col_gpu.size, dtype=np.int64)
+    held_gpu_load = np.zeros(num_gpus, dtype=np.int64)
+    pool = load.copy()
+    for c in range(col_gpu.size):
+        amount = tokens[col_gpu[c], col_expert[c]]
+        held[c] = amount
+        held_gpu_load[col_gpu[c]] += amount
+        pool[col_expert[c]] -= amount
+    set_load = np.zeros(set_size.size, dtype=np.int64)
+    for e in range(num_experts):
+        set_load[set_id[e]] += load[e]
+    densest = 0
+    for k in range(1, set_size.size):
+        if set_load[k] / set_size[k] > set_load[densest] / set_size[densest]:
+            densest = k
+    densest_load = set_load[densest] if set_size.size else np.int64(0)
+    return load, held, held_gpu_load, pool, total, densest, densest_load
+
+
+@njit(cache=True, nogil=True)
+def build(held, held_gpu_load, pool_start, load, capacity, work_limit, on_start, on_cols, of_start, col_gpu,
+          col_expert, holder_table):  # pragma: no cover - compiled
+    """One build of the quota at ``capacity`` from scratch (``QuotaPlanner.solve``'s loop body):
+    keep held tokens, place the pool, drain, reclaim.
+
+    Returns ``(status, work, quota [E, F], induced, size)``: ``DONE`` with the quota matrix;
+    ``CUT`` with the Eq. 3 numerator and denominator of the GPU set the drain reached (the
+    experts all of whose holders lie in it, and its size); ``OVER_LIMIT`` (``work_limit >= 0``).
+    """
+    num_gpus = held_gpu_load.size
+    num_experts = pool_start.size
+    quota = held.copy()
+    gpu_load = held_gpu_load.copy()
+    pool = pool_start.copy()
+    place_pool(quota, gpu_load, pool, capacity, of_start, col_gpu)
+    work = 0
+    over = False
+    for g in range(num_gpus):
+        if gpu_load[g] > capacity:
+            over = True
+    if over:
+        reached = np.zeros(num_gpus, dtype=np.bool_)
+        status, work = drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_start, col_gpu,
+                             col_expert, reached)
+        if status == OVER_LIMIT:
+            return status, work, np.zeros((0, 0), dtype=np.int64), 0, 0
+        if status == CUT:
+            induced = np.int64(0)
+            for e in range(num_experts):
+                inside = True
+                for j in range(holder_table.shape[1]):
+                    g = holder_table[e, j]
+                    if g >= 0 and not reached[g]:
+                        inside = False
+                if inside:
+                    induced += load[e]
+            size = 0
+            for g in range(num_gpus):
+                size += reached[g]
+            return status, work, np.zeros((0, 0), dtype=np.int64), induced, size
+        work += reclaim(quota, held, gpu_load, capacity, on_start, on_cols, of_start, col_gpu, col_expert)
+    matrix = np.zeros((num_experts, num_gpus), dtype=np.int64)
+    for c in range(quota.size):
+        matrix[col_expert[c], col_gpu[c]] = quota[c]
+    return DONE, work, matrix, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def counts_ok(tokens):  # pragma: no cover - compiled
+    """True when every count is >= 0 and the total is below 2**62 (the common case, one pass)."""
+    total = 0.0
+    for s in range(tokens.shape[0]):
+        for e in range(tokens.shape[1]):
+            if tokens[s, e] < 0:
+                return False
+            total += tokens[s, e]
+    return total < 2.0 ** 62
+
+
+@njit(cache=True, nogil=True)
+def quota_error(quota, tokens, capacity):  # pragma: no cover - compiled
+    """0 when ``quota [E, F]`` is >= 0, its rows sum to the expert loads of ``tokens [F, E]`` and
+    no GPU exceeds ``capacity``; 1 negative or wrong sums; 2 over capacity."""
+    num_experts, num_gpus = quota.shape
+    for e in range(num_experts):
+        row = np.int64(0)
+        for g in range(num_gpus):
+            if quota[e, g] < 0:
+                return 1
+            row += quota[e, g]
+        for s in range(num_gpus):
+            row -= tokens[s, e]
+        if row != 0:
+            return 1
+    for g in range(num_gpus):
+        column = np.int64(0)
+        for e in range(num_experts):
+            column += quota[e, g]
+        if column > capacity:
+            return 2
+    return 0

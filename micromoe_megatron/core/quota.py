@@ -22,7 +22,7 @@ Algorithm (a max flow with locality-aware augmenting paths; deterministic, no so
 * when an overloaded GPU reaches no GPU with spare capacity, the GPUs it reaches form a set ``S``
   whose induced load exceeds ``T * |S|`` (every expert with quota in ``S`` has all holders in
   ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and rebuild (a cutting plane on Eq. 3);
-* finally win back held tokens along cycles that cost no other local token (``_reclaim``).
+* finally win back held tokens along cycles that cost no other local token (``kernels.reclaim``).
 
 The steps run as compiled loops (``core.kernels``, numba); an optional numpy path adds Dinic-style
 blocking-flow phases before the same exact augmenting-path step. Counts are exact below 2**53.
@@ -75,7 +75,7 @@ class QuotaPlanner:
     """
 
     def __init__(self, holder_table: np.ndarray, num_gpus: int, vectorised: bool | None = None) -> None:
-        self.holder_table = np.asarray(holder_table, dtype=np.int64)
+        self.holder_table = np.ascontiguousarray(holder_table, dtype=np.int64)
         self.num_gpus = num_gpus
         self.num_experts = self.holder_table.shape[0]
         self.valid = self.holder_table >= 0
@@ -86,8 +86,8 @@ class QuotaPlanner:
         self.column_of[self.col_expert, col_slot] = np.arange(self.col_expert.size)
         self.safe_table = np.where(self.valid, self.holder_table, 0)
         sets, self._set_id = np.unique(self.holder_table, axis=0, return_inverse=True)
-        self._set_id = self._set_id.ravel()
-        self._set_size = (sets >= 0).sum(axis=1)
+        self._set_id = self._set_id.ravel().astype(np.int64)
+        self._set_size = (sets >= 0).sum(axis=1).astype(np.int64)
         # Ordered pairs of columns of one expert: the edges g -> h of the GPU graph.
         width = self.holder_table.shape[1]
         pairs = [(self.column_of[:, a], self.column_of[:, b]) for a in range(width) for b in range(width) if a != b]
@@ -126,21 +126,18 @@ class QuotaPlanner:
             PlanWorkLimit: more than ``work_limit`` augmenting paths were needed.
         """
         f = self.num_gpus
-        tokens = np.asarray(tokens, dtype=np.int64)
-        load = tokens.sum(axis=0)
-        total = int(load.sum())
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        kernels = self._kernels
+        load, held, held_gpu_load, pool_start, total, densest, densest_load = kernels.prepare(
+            tokens, self.col_gpu, self.col_expert, self._set_id, self._set_size)
+        total = int(total)
         capacity = -(-total // f)
         bound = total / f
         # A second cheap Eq. 3 subset per holder set: the experts sharing exactly those holders.
         # At high skew it usually finds the optimum at once and saves rebuilds after cuts.
-        set_load = np.bincount(self._set_id, weights=load, minlength=self._set_size.size).astype(np.int64)
-        densest = int(np.argmax(set_load / self._set_size))
-        if set_load[densest] > capacity * self._set_size[densest]:
-            induced, size = int(set_load[densest]), int(self._set_size[densest])
+        if densest_load > capacity * self._set_size[densest]:
+            induced, size = int(densest_load), int(self._set_size[densest])
             capacity, bound = -(-induced // size), induced / size
-        held = tokens[self.col_gpu, self.col_expert]                     # [C] tokens already on holder
-        held_gpu_load = np.bincount(self.col_gpu, weights=held, minlength=f).astype(np.int64)
-        pool_start = load - np.bincount(self.col_expert, weights=held, minlength=self.num_experts).astype(np.int64)
         first = True
         while True:
             # Build at this capacity from scratch: moves made for a lower capacity would only
@@ -148,28 +145,22 @@ class QuotaPlanner:
             # every rank, whether or not its LP call succeeded: it binds the first build (live,
             # the same everywhere) and the final build at T (checked at the end, the same
             # everywhere), never the builds in between that only some ranks make.
-            quota, gpu_load, pool = held.copy(), held_gpu_load.copy(), pool_start.copy()
+            limit = -1 if work_limit is None or not first else work_limit
             if self.vectorised:
-                self._place_pool(quota, gpu_load, pool, capacity)
+                status, work, quota, induced, size = self._build_numpy(held, held_gpu_load, pool_start, load,
+                                                                       capacity, limit)
             else:
-                self._kernels.place_pool(quota, gpu_load, pool, capacity, self._of_start, self.col_gpu)
-            cut, work = None, 0
-            if gpu_load.max(initial=0) > capacity:
-                if self.vectorised:
-                    cut, work = self._push_phases(quota, held, gpu_load, load, capacity)
-                if cut is None and gpu_load.max(initial=0) > capacity:
-                    limit = None if work_limit is None or not first else max(work_limit - work, 0)
-                    cut, paths = self._drain(quota, held, gpu_load, capacity, limit)
-                    work += paths
-                if cut is None:
-                    work += self._kernels.reclaim(quota, held, gpu_load, capacity, self._on_start, self._on_cols,
-                                                  self._of_start, self.col_gpu, self.col_expert)
-            if cut is None:
+                status, work, quota, induced, size = kernels.build(
+                    held, held_gpu_load, pool_start, load, capacity, limit, self._on_start, self._on_cols,
+                    self._of_start, self.col_gpu, self.col_expert, self.holder_table)
+            if status == kernels.OVER_LIMIT:
+                raise PlanWorkLimit(f"planner needed more than {work_limit} augmenting paths")
+            if status == kernels.DONE:
                 if work_limit is not None and work > work_limit:
                     raise PlanWorkLimit(f"planner needed {work} augmenting paths, more than {work_limit}")
-                return QuotaResult(self._matrix(quota), capacity, bound, work)
+                return QuotaResult(quota, capacity, bound, int(work))
             first = False
-            induced, size = self._cut(cut, load)
+            induced, size = int(induced), int(size)
             new_capacity = -(-induced // size)
             if new_capacity <= capacity:  # cannot happen for a consistent state
                 raise RuntimeError("planner invariant broken: a cut must raise the capacity")
@@ -182,6 +173,30 @@ class QuotaPlanner:
                     optimum = math.nan
                 if math.isfinite(optimum) and optimum >= induced / size - _OPTIMUM_TOLERANCE:
                     capacity = max(capacity, math.ceil(optimum - _OPTIMUM_TOLERANCE))
+
+    def _build_numpy(self, held, held_gpu_load, pool_start, load, capacity, limit):
+        """``kernels.build`` with numpy rounds and blocking-flow phases before the compiled
+        augmenting paths (the optional vectorised path)."""
+        kernels = self._kernels
+        quota, gpu_load, pool = held.copy(), held_gpu_load.copy(), pool_start.copy()
+        self._place_pool(quota, gpu_load, pool, capacity)
+        work = 0
+        if gpu_load.max(initial=0) > capacity:
+            cut, work = self._push_phases(quota, held, gpu_load, load, capacity)
+            if cut is None and gpu_load.max(initial=0) > capacity:
+                status, paths = kernels.drain(quota, held, gpu_load, capacity, max(limit - work, 0) if limit >= 0
+                                              else -1, self._on_start, self._on_cols, self._of_start,
+                                              self.col_gpu, self.col_expert, self._reached)
+                work += paths
+                if status == kernels.OVER_LIMIT:
+                    return status, work, None, 0, 0
+                if status == kernels.CUT:
+                    cut = self._reached.copy()
+            if cut is not None:
+                return (kernels.CUT, work, None) + self._cut(cut, load)
+            work += kernels.reclaim(quota, held, gpu_load, capacity, self._on_start, self._on_cols,
+                                    self._of_start, self.col_gpu, self.col_expert)
+        return kernels.DONE, work, self._matrix(quota), 0, 0
 
     def _matrix(self, per_column: np.ndarray) -> np.ndarray:
         quota = np.zeros((self.num_experts, self.num_gpus), dtype=np.int64)
@@ -250,7 +265,7 @@ class QuotaPlanner:
         (GPU, cost, column) order; level-0 GPUs accept at most their spare capacity. Overloaded
         GPUs that reach no spare GPU form a closed set S of Eq. 3 density > capacity: the
         caller raises the capacity to ceil(density(S)). In place; returns (cut or None, phases). Whatever
-        is left after ``max_phases`` goes to ``_drain``.
+        is left after ``max_phases`` goes to ``kernels.drain``.
         """
         f = self.num_gpus
         src_all, dst_all = self.pair_src, self.pair_dst
@@ -306,18 +321,6 @@ class QuotaPlanner:
                 gpu_load -= np.bincount(sender, weights=amount, minlength=f).astype(np.int64)
                 gpu_load += np.bincount(self.col_gpu[dst], weights=amount, minlength=f).astype(np.int64)
         return None, phases
-
-    def _drain(self, quota, held, gpu_load, capacity, work_limit):
-        """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS, compiled
-        ``kernels.drain``), in place. Returns (cut, paths): cut is None when done, else a ``[F]``
-        bool GPU set closed under the edges, all at or above capacity, one above (so its Eq. 3
-        density > capacity)."""
-        status, paths = self._kernels.drain(quota, held, gpu_load, capacity, -1 if work_limit is None else work_limit,
-                                            self._on_start, self._on_cols, self._of_start, self.col_gpu,
-                                            self.col_expert, self._reached)
-        if status == self._kernels.OVER_LIMIT:
-            raise PlanWorkLimit(f"planner needed more than {work_limit} augmenting paths")
-        return (self._reached.copy() if status == self._kernels.CUT else None), paths
 
 
 def _fill_groups(group: np.ndarray, capacity: np.ndarray, budget: np.ndarray) -> np.ndarray:

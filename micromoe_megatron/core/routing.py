@@ -32,11 +32,11 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holder_table: np.ndarray
     from . import kernels  # numba, compiled on first use (cached on disk)
 
     tokens = np.asarray(tokens, dtype=np.int64)
-    quota = np.asarray(quota, dtype=np.int64)
-    if not np.array_equal(tokens.sum(axis=0), quota.sum(axis=1)):
+    routes, status = kernels.route(np.array(tokens.T, order="C"),  # a copy: consumed in place
+                                   np.ascontiguousarray(quota, dtype=np.int64),
+                                   np.ascontiguousarray(holder_table, dtype=np.int64), gpus_per_node or 0)
+    if status == kernels.UNCOVERED:
         raise ValueError("quota does not cover the tokens: row sums of quota must equal expert loads")
-    routes, lost = kernels.route(np.ascontiguousarray(tokens.T), np.ascontiguousarray(quota),
-                                 np.ascontiguousarray(holder_table, dtype=np.int64), gpus_per_node or 0)
-    if lost:
+    if status == kernels.LOST:
         raise ValueError("routing lost tokens: quota must be 0 off the holders")
     return routes

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
+from . import kernels
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
 from .quota import PlanWorkLimit, QuotaPlanner
@@ -169,7 +170,8 @@ class ReplicaScheduler:
         self.warm_start = warm_start
         self.solves = 0
         self.fallbacks = 0
-        self._holder_table = pad_holders(self.holders)
+        self._holder_table = np.ascontiguousarray(pad_holders(self.holders), dtype=np.int64)
+        self._quota_shape = (self.num_experts, num_gpus)
         self._planner = QuotaPlanner(self._holder_table, num_gpus)
         self.needs_lp = any(len(h) > 1 for h in self.holders)
         self._highs = None
@@ -179,25 +181,27 @@ class ReplicaScheduler:
     def plan(self, tokens) -> SchedulePlan:
         """Plan one micro-batch. ``tokens`` is int ``[F, E]``; never raises on planner trouble."""
         start = time.perf_counter()
-        tokens = validate_counts(tokens, self.num_gpus, self.num_experts)
-        load = tokens.sum(axis=0)
+        if not (isinstance(tokens, np.ndarray) and tokens.dtype == np.int64
+                and tokens.shape == (self.num_gpus, self.num_experts) and kernels.counts_ok(tokens)):
+            tokens = validate_counts(tokens, self.num_gpus, self.num_experts)  # slow path, names the error
+        tokens = np.ascontiguousarray(tokens)
         fallback_reason, lp_solved, augmentations = "", False, 0
         if not self.needs_lp:
-            quota = self._even_split_quota(load)  # one holder each: the only plan
+            quota = self._even_split_quota(tokens.sum(axis=0))  # one holder each: the only plan
             optimum = float(quota.sum(axis=0).max()) if quota.size else 0.0
         else:
             self.solves += 1
             try:
-                optimum = self._solve_lp(load) if self.solve_lp else None
+                optimum = self._solve_lp(tokens.sum(axis=0)) if self.solve_lp else None
                 asked = []
 
                 def lp_optimum():  # asked by the planner only when a cut shows the step needs it
-                    asked.append(optimum if optimum is not None else self._solve_lp(load))
+                    asked.append(optimum if optimum is not None else self._solve_lp(tokens.sum(axis=0)))
                     return asked[-1]
 
                 result = self._planner.solve(tokens, self.work_limit, lp_optimum)
                 quota, augmentations = result.quota, result.augmentations
-                self._check_quota(quota, load, result.capacity)
+                self._check_quota(quota, tokens, result.capacity)
                 if self.solve_lp and math.ceil(optimum - _OPTIMUM_TOLERANCE) != result.capacity:
                     raise SolverFailure(f"HiGHS optimum {optimum} disagrees with the certified "
                                         f"integer optimum {result.capacity}")
@@ -210,7 +214,7 @@ class ReplicaScheduler:
             except Exception as exc:  # any trouble: a valid plan beats a crashed training step
                 self.fallbacks += 1
                 fallback_reason = str(exc) or type(exc).__name__
-                quota, optimum, lp_solved = self._even_split_quota(load), math.nan, False
+                quota, optimum, lp_solved = self._even_split_quota(tokens.sum(axis=0)), math.nan, False
         routes = route_tokens(tokens, quota, self._holder_table, self.gpus_per_node)
         return SchedulePlan(quota=quota, routes=routes, lp_optimum=optimum,
                             fallback=bool(fallback_reason), fallback_reason=fallback_reason,
@@ -218,11 +222,13 @@ class ReplicaScheduler:
                             gpus_per_node=self.gpus_per_node, lp_solved=lp_solved,
                             augmentations=augmentations)
 
-    def _check_quota(self, quota: np.ndarray, load: np.ndarray, capacity: int) -> None:
+    def _check_quota(self, quota: np.ndarray, tokens: np.ndarray, capacity: int) -> None:
         """Cheap guard on the planner's output (a bug must become a counted fallback, not a hang)."""
-        if quota.min(initial=0) < 0 or not np.array_equal(quota.sum(axis=1), load):
+        quota = np.ascontiguousarray(quota, dtype=np.int64)
+        error = kernels.quota_error(quota, tokens, capacity) if quota.shape == self._quota_shape else 1
+        if error == 1:
             raise SolverFailure("planner quota does not match the expert loads")
-        if quota.sum(axis=0).max(initial=0) > capacity:
+        if error == 2:
             raise SolverFailure("planner quota exceeds its certified max load")
 
     def _even_split_quota(self, load: np.ndarray) -> np.ndarray:
