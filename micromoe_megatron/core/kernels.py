@@ -251,24 +251,29 @@ def reclaim(quota, held, gpu_load, capacity, on_start, on_cols, of_start, col_gp
 
 
 @njit(cache=True, nogil=True)
-def _fill(supply, demand, e, first, last, holders, count, routed, num_holders):  # pragma: no cover - compiled
-    """Pair ``supply[e, first:last]`` (sources in order) with ``demand[e, holders[:count]]``
-    (holders in order) as ranges: the first supply units to the first demand units, until
-    either runs out. In place."""
+def _fill(row, demand, first, last, holders, count, entries, n):  # pragma: no cover - compiled
+    """Pair one expert's ``row[0, first:last]`` (supply per source, in order) with ``demand
+    [holders[:count]]`` (holders in order) as ranges: the first supply units to the first demand
+    units, until either runs out (paper Algorithm 1's inner loop). In place; appends ``(source,
+    holder index, amount)`` rows to ``entries`` from row ``n`` and returns the new row count."""
     s = first
     k = 0
     while s < last and k < count:
         j = holders[k]
-        if supply[e, s] == 0:
+        if row[0, s] == 0:
             s += 1
             continue
-        if demand[e, j] == 0:
+        if demand[j] == 0:
             k += 1
             continue
-        amount = min(supply[e, s], demand[e, j])
-        routed[e * num_holders + j, s] += amount
-        supply[e, s] -= amount
-        demand[e, j] -= amount
+        amount = min(row[0, s], demand[j])
+        entries[n, 0] = s
+        entries[n, 1] = j
+        entries[n, 2] = amount
+        n += 1
+        row[0, s] -= amount
+        demand[j] -= amount
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -279,11 +284,6 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
     counts transposed, consumed in place); ``gpus_per_node <= 0``: one node."""
     num_experts, num_gpus = supply.shape
     num_holders = holder_table.shape[1]
-    demand = np.zeros((num_experts, num_holders), dtype=np.int64)
-    # [(expert, holder), source]: the fills write along contiguous rows.
-    routed = np.zeros((num_experts * num_holders, num_gpus), dtype=np.int64)
-    node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
-    holders = np.empty(num_holders, dtype=np.int64)
     for e in range(num_experts):
         row = np.int64(0)
         for s in range(num_gpus):
@@ -292,56 +292,83 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
             row -= quota[e, g]
         if row != 0:
             return np.zeros((0, 4), dtype=np.int64), UNCOVERED
+    node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
+    demand = np.zeros(num_holders, dtype=np.int64)
+    holders = np.empty(num_holders, dtype=np.int64)
+    # Per expert at most one entry per holder (local), then each fill step retires a source or a
+    # holder: fewer than F + 2 * D entries per tier.
+    entries = np.empty((num_experts * (num_holders + 2 * (num_gpus + 2 * num_holders)), 3), dtype=np.int64)
+    expert_end = np.empty(num_experts, dtype=np.int64)
+    count_of = np.zeros(num_gpus + 1, dtype=np.int64)
+    n = 0
     for e in range(num_experts):
+        start = n
+        row = supply[e:e + 1]
         for j in range(num_holders):
             g = holder_table[e, j]
+            demand[j] = quota[e, g] if g >= 0 else 0
             if g >= 0:
-                demand[e, j] = quota[e, g]
-                local = min(supply[e, g], demand[e, j])               # tier 1: already there
-                routed[e * num_holders + j, g] = local
+                local = min(supply[e, g], demand[j])                  # tier 1: already there
+                if local:
+                    entries[n, 0], entries[n, 1], entries[n, 2] = g, j, local
+                    n += 1
                 supply[e, g] -= local
-                demand[e, j] -= local
+                demand[j] -= local
         if node < num_gpus:                                           # tier 2: same node
-            for start in range(0, num_gpus, node):
+            for j0 in range(num_holders):                             # each holder's node once
+                g0 = holder_table[e, j0]
+                if g0 < 0:
+                    continue
+                first = g0 // node * node
+                repeated = False
+                for j in range(j0):
+                    if holder_table[e, j] >= first and holder_table[e, j] < first + node:
+                        repeated = True
+                if repeated:
+                    continue
                 count = 0
-                for j in range(num_holders):
+                for j in range(j0, num_holders):
                     g = holder_table[e, j]
-                    if g >= start and g < start + node:
+                    if g >= first and g < first + node:
                         holders[count] = j
                         count += 1
-                if count:
-                    _fill(supply, demand, e, start, start + node, holders, count, routed, num_holders)
+                n = _fill(row, demand, first, first + node, holders, count, entries, n)
         count = 0                                                     # tier 3: anywhere
         for j in range(num_holders):
             if holder_table[e, j] >= 0:
                 holders[count] = j
                 count += 1
-        _fill(supply, demand, e, 0, num_gpus, holders, count, routed, num_holders)
-    for e in range(num_experts):
+        n = _fill(row, demand, 0, num_gpus, holders, count, entries, n)
         for s in range(num_gpus):
             if supply[e, s] != 0:
                 return np.zeros((0, 4), dtype=np.int64), LOST
-    # Counting sort by source; scanning (expert, holder) in order keeps each source's rows sorted.
-    offset = np.zeros(num_gpus + 1, dtype=np.int64)
-    for k in range(num_experts * num_holders):
-        for s in range(num_gpus):
-            if routed[k, s] != 0:
-                offset[s + 1] += 1
+        # Entries of one expert: at most one per (source, holder); sort them by (source, holder)
+        # (few, nearly sorted: insertion sort).
+        for a in range(start + 1, n):
+            s, j, amount = entries[a, 0], entries[a, 1], entries[a, 2]
+            b = a - 1
+            while b >= start and (entries[b, 0] > s or (entries[b, 0] == s and entries[b, 1] > j)):
+                entries[b + 1, 0], entries[b + 1, 1], entries[b + 1, 2] = entries[b, 0], entries[b, 1], entries[b, 2]
+                b -= 1
+            entries[b + 1, 0], entries[b + 1, 1], entries[b + 1, 2] = s, j, amount
+        for a in range(start, n):
+            count_of[entries[a, 0] + 1] += 1
+        expert_end[e] = n
+    # Counting sort by source; experts in order keep each source's rows sorted by expert.
     for s in range(num_gpus):
-        offset[s + 1] += offset[s]
-    routes = np.empty((offset[num_gpus], 4), dtype=np.int64)
-    for k in range(num_experts * num_holders):
-        e = k // num_holders
-        g = holder_table[e, k - e * num_holders]
-        for s in range(num_gpus):
-            amount = routed[k, s]
-            if amount != 0:
-                r = offset[s]
-                routes[r, 0] = s
-                routes[r, 1] = e
-                routes[r, 2] = g
-                routes[r, 3] = amount
-                offset[s] = r + 1
+        count_of[s + 1] += count_of[s]
+    routes = np.empty((n, 4), dtype=np.int64)
+    a = 0
+    for e in range(num_experts):
+        while a < expert_end[e]:
+            s = entries[a, 0]
+            r = count_of[s]
+            routes[r, 0] = s
+            routes[r, 1] = e
+            routes[r, 2] = holder_table[e, entries[a, 1]]
+            routes[r, 3] = entries[a, 2]
+            count_of[s] = r + 1
+            a += 1
     return routes, 0
 
 

@@ -46,6 +46,12 @@ _UNREACHABLE = np.iinfo(np.int64).max // 4
 _OPTIMUM_TOLERANCE = 1e-6
 
 
+# The cut at which the planner asks HiGHS for t*. A rebuild after a cut costs a few tens of
+# microseconds compiled, a HiGHS solve about a millisecond at 64 x 256; symmetric placements on
+# Zipf loads need at most 3 cuts (sim.bench drifting loads), so the LP serves the rare deep cases.
+LP_AFTER_CUTS = 3
+
+
 class PlanWorkLimit(RuntimeError):
     """More augmenting paths were needed than the work limit allows (a deterministic count)."""
 
@@ -112,15 +118,17 @@ class QuotaPlanner:
         from . import kernels  # numba: imported (and compiled, or loaded from its cache) on first use
         self._kernels = kernels
 
-    def solve(self, tokens: np.ndarray, work_limit: int | None = None, lp_optimum=None) -> QuotaResult:
+    def solve(self, tokens: np.ndarray, work_limit: int | None = None, lp_optimum=None,
+              lp_after_cuts: int = LP_AFTER_CUTS) -> QuotaResult:
         """Quota for int64 ``tokens [F, E]`` (already validated).
 
         ``lp_optimum``: optional callable returning the LP optimum t* (HiGHS). It is asked once,
-        at the first cut (the cheap bounds were too low: the step needs the LP), to jump to
-        ``ceil(t*)`` instead of cut after cut. Only speed depends on it: a value below the cut's
-        density, non-finite or an exception is ignored, and the build at ``ceil(t*)`` still
-        proves itself (another cut if ``t*`` was too low). ``T = ceil(t*)`` is unique, so the
-        plan is the same with or without it.
+        at cut number ``lp_after_cuts`` (the cheap bounds and the first cuts fell short: the step
+        needs the LP), to jump to ``ceil(t*)`` instead of cut after cut. Only speed depends on
+        it: a value below the cut's density, non-finite or an exception is ignored, and the
+        build at ``ceil(t*)`` still proves itself (another cut if ``t*`` was too low).
+        ``T = ceil(t*)`` is unique and the final build starts from scratch at ``T``, so the plan
+        is the same with or without it, whenever it is asked.
 
         Raises:
             PlanWorkLimit: more than ``work_limit`` augmenting paths were needed.
@@ -138,7 +146,7 @@ class QuotaPlanner:
         if densest_load > capacity * self._set_size[densest]:
             induced, size = int(densest_load), int(self._set_size[densest])
             capacity, bound = -(-induced // size), induced / size
-        first = True
+        first, cuts = True, 0
         while True:
             # Build at this capacity from scratch: moves made for a lower capacity would only
             # cost locality at the higher one. The work limit must give the same decision on
@@ -159,13 +167,13 @@ class QuotaPlanner:
                 if work_limit is not None and work > work_limit:
                     raise PlanWorkLimit(f"planner needed {work} augmenting paths, more than {work_limit}")
                 return QuotaResult(quota, capacity, bound, int(work))
-            first = False
+            first, cuts = False, cuts + 1
             induced, size = int(induced), int(size)
             new_capacity = -(-induced // size)
             if new_capacity <= capacity:  # cannot happen for a consistent state
                 raise RuntimeError("planner invariant broken: a cut must raise the capacity")
             capacity, bound = new_capacity, max(bound, induced / size)
-            if lp_optimum is not None:
+            if lp_optimum is not None and cuts >= lp_after_cuts:
                 asked, lp_optimum = lp_optimum, None
                 try:
                     optimum = float(asked())
