@@ -251,29 +251,25 @@ def reclaim(quota, held, gpu_load, capacity, on_start, on_cols, of_start, col_gp
 
 
 @njit(cache=True, nogil=True)
-def _fill(row, demand, first, last, holders, count, entries, n):  # pragma: no cover - compiled
-    """Pair one expert's ``row[0, first:last]`` (supply per source, in order) with ``demand
+def _fill(row, demand, first, last, holders, count, routed, base):  # pragma: no cover - compiled
+    """Pair one expert's ``row[first:last]`` (supply per source, in order) with ``demand
     [holders[:count]]`` (holders in order) as ranges: the first supply units to the first demand
-    units, until either runs out (paper Algorithm 1's inner loop). In place; appends ``(source,
-    holder index, amount)`` rows to ``entries`` from row ``n`` and returns the new row count."""
+    units, until either runs out (paper Algorithm 1's inner loop). Adds the pairs to
+    ``routed[base + holder index, source]``; in place."""
     s = first
     k = 0
     while s < last and k < count:
         j = holders[k]
-        if row[0, s] == 0:
+        if row[s] == 0:
             s += 1
             continue
         if demand[j] == 0:
             k += 1
             continue
-        amount = min(row[0, s], demand[j])
-        entries[n, 0] = s
-        entries[n, 1] = j
-        entries[n, 2] = amount
-        n += 1
-        row[0, s] -= amount
+        amount = min(row[s], demand[j])
+        routed[base + j, s] += amount
+        row[s] -= amount
         demand[j] -= amount
-    return n
 
 
 @njit(cache=True, nogil=True)
@@ -285,34 +281,28 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
     num_experts, num_gpus = supply.shape
     num_holders = holder_table.shape[1]
     for e in range(num_experts):
-        row = np.int64(0)
+        total = np.int64(0)
         for s in range(num_gpus):
-            row += supply[e, s]
+            total += supply[e, s]
         for g in range(quota.shape[1]):
-            row -= quota[e, g]
-        if row != 0:
+            total -= quota[e, g]
+        if total != 0:
             return np.zeros((0, 4), dtype=np.int64), UNCOVERED
     node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
     demand = np.zeros(num_holders, dtype=np.int64)
     holders = np.empty(num_holders, dtype=np.int64)
-    # Per expert at most one entry per holder (local), then each fill step retires a source or a
-    # holder: fewer than F + 2 * D entries per tier.
-    entries = np.empty((num_experts * (num_holders + 2 * (num_gpus + 2 * num_holders)), 3), dtype=np.int64)
-    expert_end = np.empty(num_experts, dtype=np.int64)
-    count_of = np.zeros(num_gpus + 1, dtype=np.int64)
-    n = 0
+    # [(expert, holder), source]: each expert's fills write along its own D contiguous rows.
+    routed = np.zeros((num_experts * num_holders, num_gpus), dtype=np.int64)
     for e in range(num_experts):
-        start = n
-        row = supply[e:e + 1]
+        row = supply[e]
+        base = e * num_holders
         for j in range(num_holders):
             g = holder_table[e, j]
             demand[j] = quota[e, g] if g >= 0 else 0
-            if g >= 0:
-                local = min(supply[e, g], demand[j])                  # tier 1: already there
-                if local:
-                    entries[n, 0], entries[n, 1], entries[n, 2] = g, j, local
-                    n += 1
-                supply[e, g] -= local
+            if g >= 0:                                                # tier 1: already there
+                local = min(row[g], demand[j])
+                routed[base + j, g] = local
+                row[g] -= local
                 demand[j] -= local
         if node < num_gpus:                                           # tier 2: same node
             for j0 in range(num_holders):                             # each holder's node once
@@ -322,53 +312,47 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                 first = g0 // node * node
                 repeated = False
                 for j in range(j0):
-                    if holder_table[e, j] >= first and holder_table[e, j] < first + node:
+                    if first <= holder_table[e, j] < first + node:
                         repeated = True
                 if repeated:
                     continue
                 count = 0
                 for j in range(j0, num_holders):
-                    g = holder_table[e, j]
-                    if g >= first and g < first + node:
+                    if first <= holder_table[e, j] < first + node:
                         holders[count] = j
                         count += 1
-                n = _fill(row, demand, first, first + node, holders, count, entries, n)
+                _fill(row, demand, first, first + node, holders, count, routed, base)
         count = 0                                                     # tier 3: anywhere
         for j in range(num_holders):
             if holder_table[e, j] >= 0:
                 holders[count] = j
                 count += 1
-        n = _fill(row, demand, 0, num_gpus, holders, count, entries, n)
+        _fill(row, demand, 0, num_gpus, holders, count, routed, base)
         for s in range(num_gpus):
-            if supply[e, s] != 0:
+            if row[s] != 0:
                 return np.zeros((0, 4), dtype=np.int64), LOST
-        # Entries of one expert: at most one per (source, holder); sort them by (source, holder)
-        # (few, nearly sorted: insertion sort).
-        for a in range(start + 1, n):
-            s, j, amount = entries[a, 0], entries[a, 1], entries[a, 2]
-            b = a - 1
-            while b >= start and (entries[b, 0] > s or (entries[b, 0] == s and entries[b, 1] > j)):
-                entries[b + 1, 0], entries[b + 1, 1], entries[b + 1, 2] = entries[b, 0], entries[b, 1], entries[b, 2]
-                b -= 1
-            entries[b + 1, 0], entries[b + 1, 1], entries[b + 1, 2] = s, j, amount
-        for a in range(start, n):
-            count_of[entries[a, 0] + 1] += 1
-        expert_end[e] = n
-    # Counting sort by source; experts in order keep each source's rows sorted by expert.
+    # Counting sort by source; scanning (expert, holder) rows in order keeps each source's rows
+    # sorted by (expert, holder).
+    offset = np.zeros(num_gpus + 1, dtype=np.int64)
+    for k in range(num_experts * num_holders):
+        for s in range(num_gpus):
+            if routed[k, s] != 0:
+                offset[s + 1] += 1
     for s in range(num_gpus):
-        count_of[s + 1] += count_of[s]
-    routes = np.empty((n, 4), dtype=np.int64)
-    a = 0
-    for e in range(num_experts):
-        while a < expert_end[e]:
-            s = entries[a, 0]
-            r = count_of[s]
-            routes[r, 0] = s
-            routes[r, 1] = e
-            routes[r, 2] = holder_table[e, entries[a, 1]]
-            routes[r, 3] = entries[a, 2]
-            count_of[s] = r + 1
-            a += 1
+        offset[s + 1] += offset[s]
+    routes = np.empty((offset[num_gpus], 4), dtype=np.int64)
+    for k in range(num_experts * num_holders):
+        e = k // num_holders
+        g = holder_table[e, k - e * num_holders]
+        for s in range(num_gpus):
+            amount = routed[k, s]
+            if amount != 0:
+                r = offset[s]
+                routes[r, 0] = s
+                routes[r, 1] = e
+                routes[r, 2] = g
+                routes[r, 3] = amount
+                offset[s] = r + 1
     return routes, 0
 
 
