@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
-from . import kernels
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
 from .quota import PlanWorkLimit, QuotaPlanner
@@ -173,6 +172,7 @@ class ReplicaScheduler:
         self._holder_table = np.ascontiguousarray(pad_holders(self.holders), dtype=np.int64)
         self._quota_shape = (self.num_experts, num_gpus)
         self._planner = QuotaPlanner(self._holder_table, num_gpus)
+        self._kernels = self._planner._kernels  # numba, imported with the first planner
         self.needs_lp = any(len(h) > 1 for h in self.holders)
         self._highs = None
 
@@ -182,7 +182,7 @@ class ReplicaScheduler:
         """Plan one micro-batch. ``tokens`` is int ``[F, E]``; never raises on planner trouble."""
         start = time.perf_counter()
         if not (isinstance(tokens, np.ndarray) and tokens.dtype == np.int64
-                and tokens.shape == (self.num_gpus, self.num_experts) and kernels.counts_ok(tokens)):
+                and tokens.shape == (self.num_gpus, self.num_experts) and self._kernels.counts_ok(tokens)):
             tokens = validate_counts(tokens, self.num_gpus, self.num_experts)  # slow path, names the error
         tokens = np.ascontiguousarray(tokens)
         fallback_reason, lp_solved, augmentations = "", False, 0
@@ -225,7 +225,7 @@ class ReplicaScheduler:
     def _check_quota(self, quota: np.ndarray, tokens: np.ndarray, capacity: int) -> None:
         """Cheap guard on the planner's output (a bug must become a counted fallback, not a hang)."""
         quota = np.ascontiguousarray(quota, dtype=np.int64)
-        error = kernels.quota_error(quota, tokens, capacity) if quota.shape == self._quota_shape else 1
+        error = self._kernels.quota_error(quota, tokens, capacity) if quota.shape == self._quota_shape else 1
         if error == 1:
             raise SolverFailure("planner quota does not match the expert loads")
         if error == 2:

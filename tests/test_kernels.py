@@ -1,0 +1,64 @@
+"""Compiled planner kernels: the same plans as their own Python source, inputs left untouched."""
+
+import numpy as np
+import pytest
+
+from micromoe_megatron.core import kernels, loads, placement
+from micromoe_megatron.core.routing import route_tokens
+from micromoe_megatron.core.schedule import ReplicaScheduler
+
+KERNELS = ("place_pool", "drain", "reclaim", "_fill", "route", "prepare", "build", "counts_ok", "quota_error")
+
+
+def instances():
+    """Random holders and counts (several nodes, 1..F replicas), then symmetric drifting Zipf loads."""
+    rng = np.random.default_rng(21)
+    for _ in range(40):
+        gpus = int(rng.choice([2, 4, 6, 8]))
+        experts = int(rng.integers(1, 10))
+        holders = [sorted(rng.choice(gpus, size=int(rng.integers(1, gpus + 1)), replace=False).tolist())
+                   for _ in range(experts)]
+        tokens = rng.integers(0, rng.choice([3, 50, 1000]) + 1, size=(gpus, experts)) * (rng.random((gpus, experts)) < 0.7)
+        yield holders, tokens, gpus, int(rng.choice([0, 1, 2]))
+    layout = placement.symmetric(8, 32, 2)
+    for skew in (0.5, 1.5):
+        probabilities = loads.zipf_probabilities(32, skew, rng)
+        for _ in range(3):
+            probabilities = 0.7 * probabilities + 0.3 * loads.zipf_probabilities(32, skew, rng)
+            yield layout.holders, loads.multinomial_counts(probabilities, 2048, 8, rng), 8, 4
+
+
+def plans(python: bool, monkeypatch) -> list[bytes]:
+    with monkeypatch.context() as patch:
+        if python:  # every kernel as plain Python, calling each other as plain Python
+            for name in KERNELS:
+                patch.setattr(kernels, name, getattr(kernels, name).py_func)
+        out = []
+        for holders, tokens, gpus, gpus_per_node in instances():
+            plan = ReplicaScheduler(holders, gpus, gpus_per_node=gpus_per_node or None).plan(tokens)
+            assert not plan.fallback
+            out.append(plan.quota.tobytes() + plan.routes.tobytes() + bytes([plan.augmentations % 256]))
+        return out
+
+
+def test_compiled_kernels_plan_byte_identically_to_their_python_source(monkeypatch):
+    assert plans(False, monkeypatch) == plans(True, monkeypatch)
+
+
+def test_planning_leaves_the_callers_counts_untouched():
+    # A single expert makes tokens.T contiguous: the router must still copy before consuming it.
+    for holders, tokens in (([(0, 1)], np.array([[20], [45]])), ([(0, 1), (1, 2), (0, 2)], np.arange(9).reshape(3, 3))):
+        before = tokens.copy()
+        plan = ReplicaScheduler(holders, tokens.shape[0]).plan(tokens)
+        assert np.array_equal(tokens, before) and plan.routes[:, 3].sum() == before.sum()
+        route_tokens(tokens, plan.quota, placement.pad_holders(holders))
+        assert np.array_equal(tokens, before)
+
+
+@pytest.mark.parametrize("quota,message", [
+    (np.array([[5, 0, 0]]), "row sums of quota"),
+    (np.array([[2, 0, 1]]), "quota must be 0 off the holders"),
+])
+def test_the_router_refuses_a_quota_that_does_not_fit(quota, message):
+    with pytest.raises(ValueError, match=message):
+        route_tokens(np.array([[1], [2], [0]]), quota, placement.pad_holders([(0, 1)]))
