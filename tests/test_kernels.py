@@ -7,7 +7,7 @@ from micromoe_megatron.core import kernels, loads, placement
 from micromoe_megatron.core.routing import route_tokens
 from micromoe_megatron.core.schedule import ReplicaScheduler
 
-KERNELS = ("place_pool", "drain", "reclaim", "_fill", "route", "prepare", "build", "counts_ok", "quota_error")
+KERNELS = ("place_pool", "_path_amount", "drain", "reclaim", "_fill", "route", "prepare", "build", "counts_ok", "quota_error")
 
 
 def instances():

@@ -46,6 +46,25 @@ def place_pool(quota, gpu_load, pool, capacity, of_start, col_gpu):  # pragma: n
 
 
 @njit(cache=True, nogil=True)
+def _path_amount(quota, held, gpu_load, capacity, source, target, par_g, par_c, par_step):  # pragma: no cover
+    """Tokens the tree path source -> target can move now: the source's excess, the target's
+    spare capacity, and each edge's room at its cost (earlier augmentations may have used it)."""
+    amount = min(gpu_load[source] - capacity, capacity - gpu_load[target])
+    node = target
+    while par_g[node] >= 0:
+        c = par_c[node]
+        if quota[c] > held[c]:
+            room = quota[c] - held[c]
+        elif par_step[node]:
+            room = quota[c]
+        else:
+            room = 0
+        amount = min(amount, room)
+        node = par_g[node]
+    return amount
+
+
+@njit(cache=True, nogil=True)
 def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_start, col_gpu, col_expert,
           reached):  # pragma: no cover - compiled
     """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS). In place.
@@ -100,6 +119,11 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
             if gpu_load[g] < capacity:
                 targets[num_targets] = g
                 num_targets += 1
+                # The tree beyond the first target matters only when its path cannot take the
+                # whole excess: stop here when it can (same augmentations as the full tree).
+                if num_targets == 1 and _path_amount(quota, held, gpu_load, capacity, source, g, par_g, par_c,
+                                                     par_step) >= gpu_load[source] - capacity:
+                    break
                 continue
             base = cost[g]
             for i in range(on_start[g], on_start[g + 1]):
@@ -129,25 +153,16 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
             excess = gpu_load[source] - capacity
             if excess <= 0:
                 break
-            amount = min(excess, capacity - gpu_load[target])
+            amount = _path_amount(quota, held, gpu_load, capacity, source, target, par_g, par_c, par_step)
+            if amount <= 0:
+                continue
             length = 0
             node = target
             while par_g[node] >= 0:
-                g, c, c2, step = par_g[node], par_c[node], par_c2[node], par_step[node]
-                # Earlier augmentations may have used this edge: recheck it at its cost.
-                if quota[c] > held[c]:
-                    room = quota[c] - held[c]
-                elif step:
-                    room = quota[c]
-                else:
-                    room = 0
-                amount = min(amount, room)
-                path_c[length] = c
-                path_c2[length] = c2
+                path_c[length] = par_c[node]
+                path_c2[length] = par_c2[node]
                 length += 1
-                node = g
-            if amount <= 0:
-                continue
+                node = par_g[node]
             for k in range(length):
                 quota[path_c[k]] -= amount
                 quota[path_c2[k]] += amount
