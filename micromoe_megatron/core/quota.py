@@ -1,4 +1,4 @@
-"""Integer replica quotas at the optimal max load, keeping tokens on their own GPU (pure numpy).
+"""Integer replica quotas at the optimal max load, keeping tokens on their own GPU (numpy + numba).
 
 The problem (paper LPP 1, then LPP 4 made lexicographic; design brief Sec. 4): given
 ``tokens [F, E]`` and each expert's holders, choose ``quota [E, F]`` (row sums = expert loads,
@@ -21,7 +21,8 @@ Algorithm (a max flow with locality-aware augmenting paths; deterministic, no so
   moving a local token costs 1);
 * when an overloaded GPU reaches no GPU with spare capacity, the GPUs it reaches form a set ``S``
   whose induced load exceeds ``T * |S|`` (every expert with quota in ``S`` has all holders in
-  ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and rebuild (a cutting plane on Eq. 3);
+  ``S``): raise ``T`` to ``ceil(induced(S) / |S|)`` and rebuild (a cutting plane on Eq. 3); after
+  ``LP_AFTER_CUTS`` cuts, HiGHS's t* (when given) jumps straight to ``ceil(t*)``;
 * finally win back held tokens along cycles that cost no other local token (``kernels.reclaim``).
 
 The steps run as compiled loops (``core.kernels``, numba); an optional numpy path adds Dinic-style

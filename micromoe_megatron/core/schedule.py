@@ -195,7 +195,7 @@ class ReplicaScheduler:
                 optimum = self._solve_lp(tokens.sum(axis=0)) if self.solve_lp else None
                 asked = []
 
-                def lp_optimum():  # asked by the planner only when a cut shows the step needs it
+                def lp_optimum():  # asked by the planner only after LP_AFTER_CUTS cuts (the step needs it)
                     asked.append(optimum if optimum is not None else self._solve_lp(tokens.sum(axis=0)))
                     return asked[-1]
 
