@@ -35,6 +35,17 @@ def test_remote_tokens_within_half_a_percent_of_the_floor_at_the_optimal_load(gp
         assert floor <= plan.remote_tokens <= floor + 0.005 * tokens.sum()
 
 
+@pytest.mark.parametrize("skew", [0.5, 1.5])
+def test_the_default_compiled_path_meets_the_floor_at_64_gpus(skew):
+    layout = placement.symmetric(64, 256, 2)
+    scheduler = ReplicaScheduler(layout.holders, 64, gpus_per_node=8)
+    for tokens in drifting(64, 256, 2, skew, seed=12):
+        plan = scheduler.plan(tokens)
+        assert not plan.fallback and plan.max_load == math.ceil(lp_optimum(layout.holders, tokens) - 1e-6)
+        floor = remote_floor(layout.holders, tokens, plan.max_load)
+        assert floor <= plan.remote_tokens <= floor + 0.005 * tokens.sum()
+
+
 def test_random_placements_and_replica_counts_meet_the_floor_closely():
     rng = np.random.default_rng(4)
     gaps = []
