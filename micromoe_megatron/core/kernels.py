@@ -295,14 +295,6 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
     counts transposed, consumed in place); ``gpus_per_node <= 0``: one node."""
     num_experts, num_gpus = supply.shape
     num_holders = holder_table.shape[1]
-    for e in range(num_experts):
-        total = np.int64(0)
-        for s in range(num_gpus):
-            total += supply[e, s]
-        for g in range(quota.shape[1]):
-            total -= quota[e, g]
-        if total != 0:
-            return np.zeros((0, 4), dtype=np.int64), UNCOVERED
     node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
     demand = np.zeros(num_holders, dtype=np.int64)
     holders = np.empty(num_holders, dtype=np.int64)
@@ -343,9 +335,21 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                 holders[count] = j
                 count += 1
         _fill(row, demand, 0, num_gpus, holders, count, routed, base)
+        left = np.int64(0)
         for s in range(num_gpus):
-            if row[s] != 0:
-                return np.zeros((0, 4), dtype=np.int64), LOST
+            left += row[s]
+        for j in range(num_holders):
+            left += demand[j]
+        if left:  # tokens or quota left over: say which input was wrong
+            total = np.int64(0)
+            for k in range(base, base + num_holders):
+                for s in range(num_gpus):
+                    total += routed[k, s]
+            for s in range(num_gpus):
+                total += row[s]
+            for g in range(quota.shape[1]):
+                total -= quota[e, g]
+            return np.zeros((0, 4), dtype=np.int64), UNCOVERED if total else LOST
     # Counting sort by source; scanning (expert, holder) rows in order keeps each source's rows
     # sorted by (expert, holder).
     offset = np.zeros(num_gpus + 1, dtype=np.int64)
