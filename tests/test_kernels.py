@@ -55,10 +55,12 @@ def test_planning_leaves_the_callers_counts_untouched():
         assert np.array_equal(tokens, before)
 
 
-@pytest.mark.parametrize("quota,message", [
-    (np.array([[5, 0, 0]]), "row sums of quota"),
-    (np.array([[2, 0, 1]]), "quota must be 0 off the holders"),
+@pytest.mark.parametrize("quota,holders,message", [
+    (np.array([[5, 0, 0]]), [(0, 1)], "row sums of quota"),
+    (np.array([[2, 0, 1]]), [(0, 1)], "quota must be 0 off the holders"),
+    (np.array([[3, 0]]), [(0, 1)], r"quota must be \[E=1, F=3\]"),
+    (np.array([[3, 0, 0]]), [(0, 3)], "GPU ids below F"),
 ])
-def test_the_router_refuses_a_quota_that_does_not_fit(quota, message):
+def test_the_router_refuses_a_quota_that_does_not_fit(quota, holders, message):
     with pytest.raises(ValueError, match=message):
-        route_tokens(np.array([[1], [2], [0]]), quota, placement.pad_holders([(0, 1)]))
+        route_tokens(np.array([[1], [2], [0]]), quota, placement.pad_holders(holders))

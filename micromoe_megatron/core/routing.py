@@ -32,6 +32,12 @@ def route_tokens(tokens: np.ndarray, quota: np.ndarray, holder_table: np.ndarray
     from . import kernels  # numba, compiled on first use (cached on disk)
 
     tokens = np.asarray(tokens, dtype=np.int64)
+    num_gpus, num_experts = tokens.shape
+    # The compiled loop indexes without bounds checks: refuse inconsistent shapes and GPU ids here.
+    if (np.shape(quota) != (num_experts, num_gpus) or np.ndim(holder_table) != 2
+            or len(holder_table) != num_experts or (np.size(holder_table) and np.max(holder_table) >= num_gpus)):
+        raise ValueError(f"route_tokens: quota must be [E={num_experts}, F={num_gpus}] and holder_table "
+                         f"[E, D] with GPU ids below F")
     routes, status = kernels.route(np.array(tokens.T, order="C"),  # a copy: consumed in place
                                    np.ascontiguousarray(quota, dtype=np.int64),
                                    np.ascontiguousarray(holder_table, dtype=np.int64), gpus_per_node or 0)
