@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,11 +110,28 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         self.last_plan: SchedulePlan | None = None
         self._plans: OrderedDict[bytes, SchedulePlan] = OrderedDict()
         self._device_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        # The last micro-batches' all-gathered [F, E] counts (identical on every rank), for re-placement.
+        self.counts_history: deque[np.ndarray] = deque(maxlen=micro_ep.history_window)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to a new slot table of the same shape (after the experts moved, migration.py):
+        new scheduler (its LP matrix changes), no cached plans or device tables of the old one."""
+        if placement.phy2log.shape != self.placement.phy2log.shape:
+            raise ValueError(f"new placement is {placement.phy2log.shape}, the layer has {self.placement.phy2log.shape}")
+        self.placement = placement
+        self.scheduler = ReplicaScheduler(placement.holders, placement.num_gpus,
+                                          gpus_per_node=self.micro_ep.gpus_per_node,
+                                          time_limit_s=self.micro_ep.solver_time_limit_ms / 1e3)
+        self._plans.clear()
+        self._device_tables.clear()
+        self.last_plan = None
 
     # ------------------------------------------------------------ plan
 
     def plan_for(self, tokens: np.ndarray) -> SchedulePlan:
         """The plan for this micro-batch's ``[F, E]`` counts; a repeat (recompute) reuses it."""
+        if torch._C._current_graph_task_id() == -1:  # a new micro-batch, not a recompute inside backward
+            self.counts_history.append(tokens)
         key = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
         plan = self._plans.get(key)
         if plan is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 
 from megatron.core import utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_default_pg_collection
@@ -19,6 +20,23 @@ from .checkpoint import LogicalExpertMap, logical_expert_state_dict
 from .config import LayoutError, MicroEPConfig
 from .dispatcher import MicroEPDispatcher
 from ..core.placement import make_placement
+
+
+@dataclasses.dataclass
+class ReplacementStats:
+    """Re-placements of one layer since the last metrics report (set by the controller).
+
+    ``predicted_max_mean``: the policy's predicted GPU max/mean for the placement in use (NaN when the
+    policy gives no forecast).
+    """
+
+    count: int = 0
+    ms: float = 0.0
+    bytes_moved: int = 0
+    predicted_max_mean: float = math.nan
+
+    def reset(self) -> None:
+        self.count, self.ms, self.bytes_moved = 0, 0.0, 0
 
 
 class MicroMoELayer(MoELayer):
@@ -49,7 +67,7 @@ class MicroMoELayer(MoELayer):
                          pg_collection, is_mtp_layer, name)
         self.logical_config = config
         self.micro_ep = micro_ep
-        self.placement = make_placement(micro_ep.placement, micro_ep_size, config.num_moe_experts,
+        self.placement = make_placement(micro_ep.initial_placement, micro_ep_size, config.num_moe_experts,
                                         micro_ep.replicas, seed=micro_ep.placement_seed,
                                         path=micro_ep.placement_file)
         self.token_dispatcher = MicroEPDispatcher(
@@ -58,6 +76,17 @@ class MicroMoELayer(MoELayer):
             vanilla_ep=vanilla_ep, layer_number=layer_number)
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
+        self.replacement_stats = ReplacementStats()
+        # Every MicroEP group of a pipeline stage must use the same placement (they are expert-data-
+        # parallel replicas of each other), so re-placement decides on counts summed over this group.
+        self.expert_dp_group = getattr(pg_collection, "expt_dp", None)
+
+    def set_placement(self, placement) -> None:
+        """Use a new placement from now on (the dispatcher's scheduler and tables follow; the checkpoint
+        mapping reads ``self.placement`` at save time). Only the bookkeeping: ``migration.migrate_layer``
+        moves the weights and optimizer state first and then calls this."""
+        self.token_dispatcher.set_placement(placement)
+        self.placement = placement
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron numbers MoE layers after building them; the dispatcher's errors and logs use it."""

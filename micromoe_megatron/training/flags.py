@@ -94,9 +94,12 @@ def apply_micro_ep_layout(args, micro_ep: MicroEPConfig, world_size: int | None 
         _fail(f"--micro-ep {d} x --expert-model-parallel-size {ep} = {d * ep} must divide the {per_stage} "
               f"ranks of a pipeline stage (world {world_size} / pipeline {args.pipeline_model_parallel_size}); "
               "lower --micro-ep or add data-parallel ranks")
+    if micro_ep.placement == "adaptive":
+        _fail("--micro-ep-placement adaptive is not available in pretrain_gpt.py yet (no load-aware policy is "
+              "wired in); use symmetric, or ReplacementController.step in your own training loop")
     micro_ep.validate_layout(args.num_experts, d * ep)
     try:
-        make_placement(micro_ep.placement, d * ep, args.num_experts, d, seed=micro_ep.placement_seed,
+        make_placement(micro_ep.initial_placement, d * ep, args.num_experts, d, seed=micro_ep.placement_seed,
                        path=micro_ep.placement_file)
     except PlacementError as error:
         _fail(f"--micro-ep-placement {micro_ep.placement}: {error}")

@@ -1,0 +1,125 @@
+"""Re-placement controller: every N iterations, ask a placement policy per MoE layer and migrate.
+
+The policy is a plain callable (``Policy``)::
+
+    policy(layer_number: int, history: np.ndarray [K, F, E], current: Placement) -> Placement | None
+
+``history`` holds the last ``K`` micro-batches' all-gathered ``[F, E]`` counts of that layer (tokens
+per source GPU and logical expert), summed over the expert-data-parallel replicas of the MicroEP
+group, so every rank of a pipeline stage passes the policy identical data; None keeps the current
+placement. The policy must be a pure function of its arguments (and of how often it was called):
+no wall-clock, no per-rank state. The controller checks that every rank got the same answer.
+
+A policy may also offer ``predicted_max_mean(layer_number) -> float`` (its forecast GPU max/mean for
+the placement it chose or kept); it is logged next to the achieved max/mean.
+
+Use from your own training loop::
+
+    controller = ReplacementController(policy, interval=micro_ep.replacement_interval, replica_sync=sync)
+    for iteration in range(1, iterations + 1):
+        ... forward_backward(...); optimizer.step()
+        controller.step(model_chunks, optimizer, iteration)   # after the step, before the next forward
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.placement import Placement
+from .migration import MigrationResult, migrate_layer
+
+Policy = Callable[[int, np.ndarray, Placement], Optional[Placement]]
+
+
+class PolicyMismatchError(RuntimeError):
+    """Ranks that must share a placement got different answers from the policy."""
+
+
+def _micro_layers(model_chunks) -> list:
+    from .layer import MicroMoELayer
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MicroMoELayer)]
+
+
+def _digest(placement: Placement | None) -> int:
+    data = b"keep" if placement is None else placement.phy2log.tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+class ReplacementController:
+    """Calls ``policy`` for every MicroMoELayer every ``interval`` iterations and migrates.
+
+    Args:
+        policy: see the module docstring.
+        interval: re-place after iterations ``interval, 2 * interval, ...`` (0 = never).
+        replica_sync: the model's ReplicaSync, whose cached slot holders are dropped after a move.
+    """
+
+    def __init__(self, policy: Policy, interval: int, replica_sync=None):
+        if interval < 0:
+            raise ValueError(f"--micro-ep-replacement-interval must be >= 0, got {interval}")
+        self.policy = policy
+        self.interval = interval
+        self.replica_sync = replica_sync
+        self.results: list[tuple[int, MigrationResult]] = []  # (layer number, result), all so far
+
+    def history(self, layer) -> np.ndarray:
+        """int64 ``[K, F, E]`` counts of the layer's last micro-batches, summed over its EDP group."""
+        local = np.stack(layer.token_dispatcher.counts_history)
+        group = layer.expert_dp_group
+        if group is None or dist.get_world_size(group) == 1:
+            return local
+        device = next(layer.experts.parameters()).device
+        total = torch.as_tensor(local, device=device)
+        dist.all_reduce(total, group=group)
+        return total.cpu().numpy()
+
+    def _check_agreement(self, layer, new: Placement | None) -> None:
+        device = next(layer.experts.parameters()).device
+        mine = _digest(new)
+        for group in (layer.token_dispatcher.ep_group, layer.expert_dp_group):
+            if group is None:
+                continue
+            bounds = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+            if int(bounds[0]) != mine or int(-bounds[1]) != mine:
+                raise PolicyMismatchError(
+                    f"layer {layer.layer_number}: the re-placement policy returned different placements on "
+                    "ranks that must share one; it must be a pure function of (layer number, history, current)")
+
+    def step(self, model_chunks, optimizer, iteration: int) -> list[MigrationResult]:
+        """After ``optimizer.step()`` of iteration ``iteration`` (1-based): re-place if it is due.
+
+        Collective over the model's ranks; returns this call's migrations (empty when not due).
+        """
+        if not self.interval or iteration % self.interval:
+            return []
+        done = []
+        for layer in _micro_layers(model_chunks):
+            if not layer.token_dispatcher.counts_history:
+                continue
+            new = self.policy(layer.layer_number, self.history(layer), layer.placement)
+            if new is not None and np.array_equal(new.phy2log, layer.placement.phy2log):
+                new = None
+            self._check_agreement(layer, new)
+            predicted = getattr(self.policy, "predicted_max_mean", None)
+            if predicted is not None:
+                layer.replacement_stats.predicted_max_mean = float(predicted(layer.layer_number))
+            if new is None:
+                continue
+            result = migrate_layer(layer, new, optimizer)
+            stats = layer.replacement_stats
+            stats.count += 1
+            stats.ms += result.ms
+            stats.bytes_moved += result.bytes_moved
+            done.append(result)
+            self.results.append((layer.layer_number, result))
+        if done and self.replica_sync is not None:
+            self.replica_sync.placement_changed()
+        return done
