@@ -74,6 +74,9 @@ def test_layout_widens_megatron_expert_parallel_group():
     (["--micro-ep", "2"], dict(moe_single_grouped_weight=True), 8, "--moe-single-grouped-weight"),
     (["--micro-ep", "4"], {}, 4, "--micro-ep 4 x --expert-model-parallel-size 2 = 8 must divide the 4 ranks"),
     (["--micro-ep", "2"], dict(pipeline_model_parallel_size=2), 4, "= 4 must divide the 2 ranks"),
+    (["--micro-ep", "2", "--micro-ep-replacement-interval", "5"], {}, 8, "needs --micro-ep-placement adaptive"),
+    (["--micro-ep", "2", "--micro-ep-placement", "adaptive", "--micro-ep-replacement-interval", "5"], {}, 8,
+     "--micro-ep-placement adaptive is not available in pretrain_gpt.py yet"),
 ])
 def test_invalid_combinations_name_the_flag(argv, megatron, world, message):
     with pytest.raises(LayoutError) as error:

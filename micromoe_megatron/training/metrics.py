@@ -23,8 +23,11 @@ import torch.distributed as dist
 from ..core.loads import max_over_mean
 from ..mcore.replicas import collective_device
 
-# Per-layer columns of the reporter's table (means over the steps since the last report).
-COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks")
+# Per-layer columns of the reporter's table (means over the steps since the last report; the
+# re-placement columns are totals since the last report, predicted_max_mean the policy's forecast
+# for the placement in use, NaN without one).
+COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks",
+           "replacements", "replacement_ms", "replacement_mb", "predicted_max_mean")
 
 
 def micro_ep_layers(model_chunks) -> list:
@@ -48,11 +51,14 @@ def iteration_line_entries(layers, device) -> dict[str, torch.Tensor]:
             "micro-ep max/mean": torch.tensor([after, count], device=device)}
 
 
-def layer_means(stats) -> list[float]:
-    """One row of COLUMNS from a layer's MicroEPStats (since its last reset)."""
+def layer_means(stats, replacement=None) -> list[float]:
+    """One row of COLUMNS from a layer's MicroEPStats and ReplacementStats (since their last reset)."""
     steps = max(stats.steps, 1)
+    moved = [float(replacement.count), replacement.ms, replacement.bytes_moved / 2 ** 20,
+             replacement.predicted_max_mean] if replacement is not None else [0.0, 0.0, 0.0, float("nan")]
     return [stats.imbalance_before_total / steps, stats.imbalance_after_total / steps,
-            stats.schedule_ms_total / steps, stats.remote_tokens / max(stats.tokens, 1), float(stats.fallbacks)]
+            stats.schedule_ms_total / steps, stats.remote_tokens / max(stats.tokens, 1), float(stats.fallbacks),
+            *moved]
 
 
 class MetricsReporter:
@@ -75,7 +81,8 @@ class MetricsReporter:
         loads = {}
         for layer in layers:
             row = layer.layer_number - 1
-            table[row, :-1] += torch.tensor(layer_means(layer.micro_ep_stats), dtype=torch.float64, device=device)
+            row_values = layer_means(layer.micro_ep_stats, getattr(layer, "replacement_stats", None))
+            table[row, :-1] += torch.tensor(row_values, dtype=torch.float64, device=device)
             table[row, -1] += 1
             stats = layer.micro_ep_stats
             loads[layer.layer_number] = {"vanilla_ep": stats.load_before.tolist(),
@@ -94,12 +101,15 @@ class MetricsReporter:
         table, loads = self.gather(layers, device)
         for layer in layers:
             layer.micro_ep_stats.reset()
+            if getattr(layer, "replacement_stats", None) is not None:
+                layer.replacement_stats.reset()
         rows = {n + 1: dict(zip(COLUMNS, map(float, table[n]))) for n in range(self.num_layers)
                 if not np.isnan(table[n, 0])}
         if not rows:
             return None
         summary = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
-        summary["fallbacks"] = float(sum(r["fallbacks"] for r in rows.values()))
+        for total in ("fallbacks", "replacements", "replacement_ms", "replacement_mb"):
+            summary[total] = float(sum(r[total] for r in rows.values()))
         record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads}
         if is_last_rank:
             self._write(record, writer, wandb_writer)
@@ -127,4 +137,5 @@ def format_summary(record: dict) -> str:
     return (f" MicroEP [iteration {record['iteration']}] MoE layers: {len(record['layers'])} | GPU max/mean: "
             f"vanilla EP {s['max_mean_vanilla_ep']:.3f} -> MicroEP {s['max_mean_micro_ep']:.3f} | "
             f"schedule {s['schedule_ms']:.2f} ms/layer | remote tokens {100 * s['remote_fraction']:.1f}% | "
-            f"fallbacks {int(s['fallbacks'])}")
+            f"fallbacks {int(s['fallbacks'])} | re-placements {int(s.get('replacements', 0))} "
+            f"({s.get('replacement_ms', 0.0):.0f} ms, {s.get('replacement_mb', 0.0):.1f} MB moved)")
