@@ -75,6 +75,18 @@ def test_migration_round_trip_moves_weights_and_adam_state(rank_pool, micro_ep, 
                          distributed_optimizer=distributed_optimizer)
     for rank in runs:
         assert rank["mismatches"] == []
+    # Reference per (layer, logical expert) from before the moves; every holder agrees on it.
+    for before, after in (("weights_before", "weights_after"), ("full_before", "full_after")):
+        reference = {}
+        for rank in runs:
+            for key, value in rank[before].items():
+                assert np.array_equal(reference.setdefault(key, value), value), f"{key}: holders differ"
+        layouts = [rank[after] if isinstance(rank[after], list) else [rank[after]] for rank in runs]
+        for per_layout in zip(*layouts):
+            held = [(key, value) for layout in per_layout for key, value in layout.items()]
+            assert {key for key, _ in held} == set(reference)  # every expert still held somewhere
+            for key, value in held:
+                assert np.array_equal(value, reference[key]), f"{key}: {after} differs from {before}"
     moves = runs[0]["moves"]
     assert all(m > 0 for m in moves)
     megabytes = sum(runs[0]["bytes"]) / 2 ** 20

@@ -80,6 +80,9 @@ class MicroMoELayer(MoELayer):
         # Every MicroEP group of a pipeline stage must use the same placement (they are expert-data-
         # parallel replicas of each other), so re-placement decides on counts summed over this group.
         self.expert_dp_group = getattr(pg_collection, "expt_dp", None)
+        if self.expert_dp_group is None:
+            from megatron.core import parallel_state
+            self.expert_dp_group = parallel_state.get_expert_data_parallel_group(check_initialized=False)
 
     def set_placement(self, placement) -> None:
         """Use a new placement from now on (the dispatcher's scheduler and tables follow; the checkpoint
