@@ -210,9 +210,19 @@ class SlotState:
                 for p in params:
                     self.shard[p] = (p, 0, p.numel())
         self.keys = self._state_keys()
+        self.rows = 1 + len(self.keys)
+        if self.distributed and dist.get_world_size(self.edp_group) > 1:
+            # A rank whose shard holds none of this layer sees no state entries; the gather's shapes
+            # must still agree over the EDP group.
+            rows = torch.tensor([self.rows], dtype=torch.int64, device=first.device)
+            dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.edp_group)
+            if self.keys and int(rows) != self.rows:
+                raise MigrationError(f"optimizer state entries {self.keys} differ across the expert-data-parallel "
+                                     "group; re-place only after every rank's optimizer has stepped")
+            self.rows = int(rows)
 
     def _state_keys(self) -> tuple[str, ...]:
-        """Per-element optimizer state entries (``exp_avg``, ``exp_avg_sq``), the same on every rank."""
+        """Per-element optimizer state entries of this rank's shard (``exp_avg``, ``exp_avg_sq``)."""
         if self.optimizer is None:
             return ()
         state = self.optimizer.optimizer.state
@@ -222,10 +232,6 @@ class SlotState:
                 if torch.is_tensor(value) and value.dim() > 0 and value.numel() == end - start:
                     keys.add(key)
         return tuple(sorted(keys))
-
-    @property
-    def rows(self) -> int:
-        return 1 + len(self.keys)
 
     def payload_bytes(self) -> int:
         return self.rows * self.numel * 4
@@ -244,6 +250,8 @@ class SlotState:
     def _local_piece(self, params) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         state = self.optimizer.optimizer.state if self.optimizer is not None else {}
         pieces = self._pieces(params)
+        if not pieces:
+            return params[0].new_empty(self.rows, 0), []
         rows = []
         for key in (None, *self.keys):
             parts = [p.detach().view(-1)[start:end] if key is None else state[opt_param][key].view(-1)
