@@ -131,8 +131,8 @@ def _load(model, optimizer, directory: str) -> None:
 
 class CyclingPolicy:
     """Test re-placement policy (NOT load-aware): a different valid placement at every call, so every
-    migration path runs. Per layer it cycles through seeded random tables and, for F = 4 x 8 experts,
-    a hand-built one with unequal replica counts (4, 3, 2, 2, 2, 1, 1, 1)."""
+    migration path runs. Per layer it cycles through seeded random tables with relabelled experts
+    and, for F = 4 x 8 experts, a hand-built one with unequal replica counts (4, 3, 2, 2, 2, 1, 1, 1)."""
 
     def __init__(self, num_gpus: int, num_experts: int, replicas: int):
         self.shape = (num_gpus, num_experts, replicas)
@@ -143,10 +143,18 @@ class CyclingPolicy:
         assert history.ndim == 3 and history.shape[1:] == (num_gpus, num_experts), history.shape
         call = self.calls.get(layer_number, 0)
         self.calls[layer_number] = call + 1
-        seed = 1000 * layer_number + call
-        if (num_gpus, num_experts) == (4, 8) and call % 3 == 2:
-            return unequal_placement(seed)
-        return placement_lib.random(num_gpus, num_experts, replicas, seed=seed)
+        # Depends on the counts (hottest expert), so ranks deciding on different counts would disagree
+        # (the controller sums them over the expert-data-parallel group and checks agreement).
+        seed = 1000 * layer_number + call + 7919 * int(history.sum(axis=(0, 1)).argmax())
+        while True:  # always a different placement
+            if (num_gpus, num_experts) == (4, 8) and call % 3 == 2:
+                table = unequal_placement(seed).phy2log
+            else:  # relabel the experts too: with d = 1 random tables are all alike
+                table = placement_lib.random(num_gpus, num_experts, replicas, seed=seed).phy2log
+                table = np.random.default_rng(seed).permutation(num_experts)[table]
+            if not np.array_equal(table, current.phy2log):
+                return placement_lib.Placement(table, num_experts)
+            seed += 1
 
     def predicted_max_mean(self, layer_number):
         return float("nan")
@@ -330,9 +338,10 @@ def migration_round_trip(rank, world_size, *, micro_ep: int = 2, distributed_opt
     assert all((s[3] == ("exp_avg", "exp_avg_sq") and s[2] == [2.0]) or (not s[2] and s[1].shape[1] == 0)
                for s in before.values()), "expected Adam moments and step 2 on every held shard"
     results, mismatches, weights_after = [], [], []
-    targets = [placement_lib.random(ep_size, NUM_EXPERTS, micro_ep, seed=7)]
-    targets.append(unequal_placement(3) if (ep_size, NUM_EXPERTS) == (4, 8)
-                   else placement_lib.random(ep_size, NUM_EXPERTS, micro_ep, seed=8))
+    policy = CyclingPolicy(ep_size, NUM_EXPERTS, micro_ep)
+    history = np.ones((1, ep_size, NUM_EXPERTS), dtype=np.int64)
+    targets = [policy(1, history, original[layers[0]])]
+    targets.append(unequal_placement(3) if (ep_size, NUM_EXPERTS) == (4, 8) else policy(1, history, targets[0]))
     for target in targets + [None]:
         for layer in layers:
             results.append(migrate_layer(layer, target or original[layer], optimizer))
