@@ -8,7 +8,7 @@ and the optimizer are unchanged, only where they live moves.
 * ``plan_migration`` (pure numpy, identical on every rank): the slot moves. A slot whose expert stays
   put is not touched; a changed slot copies from a holder of its new expert in the old placement,
   preferring one whose slot does not change (never overwritten), then the rank itself (no traffic).
-  Moves are sequenced in rounds: each rank sends at most one slot and receives at most one per round,
+  Sends are spread over the candidate holders. Moves are sequenced in rounds: each rank sends at most one slot and receives at most one per round,
   and no slot is overwritten while a later move still reads it; a cycle of moves (a swap) is broken
   by stashing one slot's payload (a "parallel copy" sequentialisation).
 * ``SlotState``: reads/writes one slot's full payload ``[Q, n]`` (row 0 the fp32 weights, then each
@@ -84,17 +84,18 @@ class MigrationPlan:
         return sum(not m.local for m in self.moves)
 
 
-def _pick_source(old: Placement, changed: np.ndarray, rank: int, expert: int) -> tuple[int, int]:
+def _pick_source(old: Placement, changed: np.ndarray, rank: int, expert: int, sends: Counter) -> tuple[int, int]:
+    """A holder of ``expert`` in ``old`` to copy from: one whose slot stays (never overwritten) if any,
+    the destination itself if it can (no traffic), else the holder with the fewest sends so far
+    (each rank sends one slot per round, so balanced sends mean fewer rounds)."""
     slot = int(old.expert_slot[expert])
     holders = old.holders[expert]
-    stable = [h for h in holders if not changed[h, slot]]
-    if rank in stable:
+    candidates = [h for h in holders if not changed[h, slot]] or list(holders)
+    if rank in candidates:
         return rank, slot
-    if stable:
-        return stable[rank % len(stable)], slot  # spread the reads over the stable holders
-    if rank in holders:
-        return rank, slot
-    return holders[rank % len(holders)], slot
+    source = min(candidates, key=lambda h: (sends[h], h))
+    sends[source] += 1
+    return source, slot
 
 
 def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
@@ -109,17 +110,22 @@ def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
         raise ValueError(f"cannot migrate between placements of {old.phy2log.shape} / {old.num_experts} experts "
                          f"and {new.phy2log.shape} / {new.num_experts} experts")
     changed = old.phy2log != new.phy2log
-    pending = []
+    pending, sends = [], Counter()
     for g, j in zip(*np.nonzero(changed)):
         expert = int(new.phy2log[g, j])
-        src_rank, src_slot = _pick_source(old, changed, int(g), expert)
+        src_rank, src_slot = _pick_source(old, changed, int(g), expert, sends)
         pending.append(SlotMove(expert, src_rank, src_slot, int(g), int(j)))
 
     reads = Counter((m.src_rank, m.src_slot) for m in pending)  # pending reads per slot
+
+    def changed_source(move: SlotMove) -> bool:
+        return move.src_slot != STASH and bool(changed[move.src_rank, move.src_slot])
+
     rounds = []
     while pending:
         sending, receiving, chosen = set(), set(), []
-        for move in pending:
+        # Moves that read a slot about to change go first: they unblock the writes into it.
+        for move in sorted(pending, key=lambda m: not changed_source(m)):
             if reads[move.dst_rank, move.dst_slot] or move.src_rank in sending or move.dst_rank in receiving:
                 continue
             chosen.append(move)
@@ -331,8 +337,9 @@ class SlotState:
 
 @dataclass
 class MigrationResult:
-    """One layer's migration: moves done, payloads sent between ranks, bytes moved in the MicroEP
-    group (identical on every rank: from the plan), and this rank's wall time."""
+    """One layer's migration: moves done, payloads sent between ranks, bytes those payloads carried in
+    the MicroEP group (identical on every rank: from the plan; the distributed optimizer's EDP gathers
+    come on top), and this rank's wall time."""
 
     moves: int
     remote_moves: int
