@@ -29,6 +29,7 @@ class StrategyResult:
     step_ms: float
     gain_vs_vanilla_pct: float = 0.0
     fallbacks: int = 0
+    replacements: int = 0   # adaptive re-placements, summed over layers (max over groups)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -41,13 +42,19 @@ def step_ms(shape: ModelShape, cost: CostModel, moe_layer_ms: float) -> float:
 
 
 def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = None,
-             history_fraction: float = 0.25, seed: int = 0, progress=None) -> list[StrategyResult]:
+             history_fraction: float = 0.25, seed: int = 0, progress=None, replacement_interval: int | None = None,
+             replacement_threshold: float = 0.0) -> list[StrategyResult]:
     """Every strategy on every layer and micro-batch of ``counts``.
 
     GPUs are taken in groups of ``F = micro_ep x EP`` consecutive ranks (one MicroEP group each);
     a layer waits for its slowest group. The first ``history_fraction`` of each layer's
     micro-batches is the EPLB-style strategy's load history; all strategies are evaluated on the
     rest (on all of them when there is a single micro-batch).
+
+    The adaptive strategy also starts from that history, then checks every
+    ``replacement_interval`` micro-batches (default: one training iteration,
+    ``shape.micro_batches_per_step``, since live migration runs between iterations) and pays the
+    migration time of ``cost.migration(shape)`` for what it moves.
     """
     cost = cost or CostModel()
     group = shape.ep * shape.micro_ep
@@ -56,14 +63,18 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
                          f"{shape.micro_ep} x EP {shape.ep} = {group}")
     if counts.num_experts % shape.ep:
         raise ValueError(f"EP {shape.ep} must divide the {counts.num_experts} experts")
+    interval = replacement_interval or shape.micro_batches_per_step
+    adaptive = dict(interval=interval, threshold=replacement_threshold, migration=cost.migration(shape),
+                    ms_per_token=cost.ms_per_assignment(shape))
     samples: dict[str, dict[str, list]] = {}
+    replacements: dict[str, int] = {}
     for layer, array in sorted(counts.layers.items()):
         history_len = max(1, int(len(array) * history_fraction)) if len(array) > 1 else 0
         history, evaluated = (array[:history_len], array[history_len:]) if history_len else (array, array)
         groups = [slice(start, start + group) for start in range(0, counts.num_gpus, group)]
         strategies = [build_strategies(group, counts.num_experts, shape.ep, shape.micro_ep, history[:, g],
                                        gpus_per_node=cost.gpus_per_node, allgather_ms=cost.allgather_ms,
-                                       schedule_ms=cost.schedule_ms, seed=seed)
+                                       schedule_ms=cost.schedule_ms, seed=seed, adaptive=adaptive)
                       for g in groups]
         for tokens in evaluated:
             per_strategy = [[s.outcome(tokens[g]) for s, g in zip(column, groups)] for column in zip(*strategies)]
@@ -86,6 +97,9 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
                 for key, value in (("imbalance", imbalance), ("compute", compute), ("a2a", a2a),
                                    ("overhead", overhead), ("fallback", any(o.fallback for o in outcomes))):
                     entry[key].append(value)
+        for column in zip(*strategies):
+            replacements[column[0].name] = replacements.get(column[0].name, 0) + max(
+                getattr(s, "replacements", 0) for s in column)
         if progress:
             progress(f"  layer {layer}: {len(evaluated)} micro-batches x {len(strategies[0])} strategies")
     results = []
@@ -99,7 +113,8 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
             imbalance_p99=float(np.percentile(entry["imbalance"], 99)), compute_ms=float(np.mean(entry["compute"])),
             all_to_all_ms=float(np.mean(entry["a2a"])), overhead_ms=overhead,
             layer_ms=mean_layer, layer_ms_p99=float(np.percentile(layer_times, 99)),
-            step_ms=step_ms(shape, cost, mean_layer), fallbacks=int(sum(entry["fallback"]))))
+            step_ms=step_ms(shape, cost, mean_layer), fallbacks=int(sum(entry["fallback"])),
+            replacements=replacements.get(name, 0)))
     vanilla = next(r for r in results if r.strategy == "vanilla EP")
     for r in results:
         r.gain_vs_vanilla_pct = 100.0 * (vanilla.step_ms / r.step_ms - 1.0)
