@@ -255,39 +255,62 @@ def _apply(table: np.ndarray, counts: np.ndarray, move) -> tuple[np.ndarray, np.
 
 
 class ScenarioScore:
-    """Scores slot tables on ``K`` load scenarios at once (the forecast and, for robustness, recent
-    micro-batches): a table is as good as its worst scenario's LP optimum over the mean load.
+    """Scores slot tables on load scenarios at once: a table is as good as its worst scenario's LP
+    optimum over that scenario's mean load.
+
+    Two tiers. Primary: the given ``[K, E]`` rows (the forecast first, then e.g. recent
+    micro-batches, for noise). Stress: copies of the first row with one of its ``stress_experts``
+    heaviest experts ``(1 + stress)`` times heavier, so the table keeps slack for a hot expert that
+    keeps growing (drift the forecast has not caught up with). Stress only breaks ties of the
+    primary tier.
 
     Args:
-        scenarios: ``[K, E]`` tokens per expert, one row per scenario (rows with no load are dropped).
+        scenarios: ``[K, E]`` tokens per expert (rows with no load are dropped).
         num_gpus: ``F``.
+        stress: relative growth of a stressed expert (0 = no stress tier).
+        stress_experts: how many of the forecast's heaviest experts get a stress scenario.
     """
 
-    def __init__(self, scenarios, num_gpus: int) -> None:
+    def __init__(self, scenarios, num_gpus: int, stress: float = 0.0, stress_experts: int = 0) -> None:
         scenarios = np.atleast_2d(np.asarray(scenarios, dtype=np.float64))
         scenarios = scenarios[scenarios.sum(axis=1) > 0]
         if not len(scenarios):
             raise PlacementError("no load to place: every scenario is empty")
-        self.scenarios, self.num_gpus = scenarios, num_gpus
-        self.means = scenarios.sum(axis=1) / num_gpus
-        self.lps = [TableLP(load, num_gpus) for load in scenarios]
+        stressed = []
+        if stress > 0 and stress_experts > 0:
+            forecast = scenarios[0]
+            for e in sorted(range(forecast.size), key=lambda e: (-forecast[e], e))[:stress_experts]:
+                row = forecast.copy()
+                row[e] *= 1.0 + stress
+                stressed.append(row)
+        self.primary = len(scenarios)
+        self.scenarios = np.vstack([scenarios, *stressed]) if stressed else scenarios
+        self.num_gpus = num_gpus
+        self.means = self.scenarios.sum(axis=1) / num_gpus
+        self.lps = [TableLP(load, num_gpus) for load in self.scenarios]
         self.evaluations = 0
 
     def evaluate(self, table: np.ndarray) -> tuple[tuple, np.ndarray, int]:
-        """(key, binding [F] bool of the worst scenario, worst scenario index); lower key is better.
+        """(key, binding [F] bool of the scenario to improve, its index); lower key is better.
 
-        key = (worst ratio, mean ratio, binding GPUs of the worst scenario), ratios rounded to 1e-9
-        so floating-point noise cannot decide.
+        key = (worst primary ratio, worst stress ratio (0 without), mean primary ratio, binding
+        GPUs of the scenario to improve); ratios rounded to 1e-9 so floating-point noise cannot
+        decide. The scenario to improve is the worst primary one, or the worst stress one once the
+        primary tier is good enough.
         """
         ratios, bindings = [], []
         for lp, mean in zip(self.lps, self.means):
             lp.set_table(table)
             t, binding = lp.solve()
-            ratios.append(t / mean)
+            ratios.append(round(t / mean, 9))
             bindings.append(binding)
         self.evaluations += 1
-        worst = int(np.argmax(np.round(ratios, 9)))
-        key = (round(max(ratios), 9), round(float(np.mean(ratios)), 9), int(bindings[worst].sum()))
+        primary, stress = ratios[:self.primary], ratios[self.primary:]
+        worst = int(np.argmax(primary))
+        if primary[worst] <= GOOD_ENOUGH and stress:
+            worst = self.primary + int(np.argmax(stress))
+        key = (max(primary), max(stress, default=0.0), round(float(np.mean(primary)), 9),
+               int(bindings[worst].sum()))
         return key, bindings[worst], worst
 
 
@@ -313,7 +336,7 @@ def improve_table(table, scenarios, max_evaluations: int = 2000, moves_per_round
     counts = np.bincount(table.ravel(), minlength=num_experts).astype(np.int64)
     best, binding, worst = score.evaluate(table)
     used = 1
-    while used < max_evaluations and best[0] > good_enough:
+    while used < max_evaluations and max(best[0], best[1]) > good_enough:
         improved = False
         for move in _moves(table, binding, score.scenarios[worst], counts, moves_per_round):
             if used >= max_evaluations:
@@ -331,7 +354,8 @@ def improve_table(table, scenarios, max_evaluations: int = 2000, moves_per_round
 
 
 def asymmetric_placement(forecast, num_gpus: int, slots_per_gpu: int, scenarios=None,
-                         max_evaluations: int = 2000, good_enough: float = GOOD_ENOUGH) -> Placement:
+                         max_evaluations: int = 2000, good_enough: float = GOOD_ENOUGH, stress: float = 0.0,
+                         stress_experts: int = 0) -> Placement:
     """The placement for one layer's load forecast: replica counts by load, table by LP local search.
 
     Args:
@@ -342,6 +366,7 @@ def asymmetric_placement(forecast, num_gpus: int, slots_per_gpu: int, scenarios=
             micro-batches), making it robust to noise and drift; the forecast is always scored.
         max_evaluations: table scorings the local search may use (deterministic work bound).
         good_enough: the local search stops at this worst-scenario max/mean (1.0: only at perfect).
+        stress, stress_experts: also keep slack for a heavy expert growing (see ``ScenarioScore``).
 
     Returns:
         A ``Placement`` with ``F * L`` slots, every expert held 1..F times, slot rule kept.
@@ -358,7 +383,8 @@ def asymmetric_placement(forecast, num_gpus: int, slots_per_gpu: int, scenarios=
         rows = [load] if scenarios is None else [load, *np.atleast_2d(np.asarray(scenarios, dtype=np.float64))]
         if any(row.shape != load.shape for row in rows):
             raise PlacementError(f"scenarios must be [K, {load.size}] loads per expert")
-        table, _, _ = improve_table(table, np.stack(rows), max_evaluations, good_enough=good_enough)
+        score = ScenarioScore(np.stack(rows), num_gpus, stress, stress_experts)
+        table, _, _ = improve_table(table, None, max_evaluations, score=score, good_enough=good_enough)
     return Placement(table, load.size)
 
 

@@ -203,13 +203,16 @@ class ReplacementPolicy:
         robust_window: the newest this-many observed micro-batches are scored with the forecast,
             so the new table also balances the recent ones (noise, flip-flopping experts); 0 = the
             forecast alone.
+        stress, stress_experts: the new table also keeps slack for any of the forecast's
+            ``stress_experts`` heaviest experts growing by ``stress`` (see ``ScenarioScore``).
         max_evaluations: table scorings per placement search (deterministic work bound).
     """
 
     def __init__(self, placement: Placement, interval: int, threshold: float = 0.0, window: int = 16,
                  method: str = "ema", alpha: float = 0.3, migration: MigrationCost | None = None,
                  ms_per_token: float = 0.0, micro_batches_per_check: int = 1,
-                 robust_window: int = 4, max_evaluations: int = 2000) -> None:
+                 robust_window: int = 4, stress: float = 0.2, stress_experts: int = 4,
+                 max_evaluations: int = 2000) -> None:
         if interval < 0:
             raise ValueError(f"interval must be >= 0 (0 = off), got {interval}")
         if threshold < 0:
@@ -222,6 +225,7 @@ class ReplacementPolicy:
         self.micro_batches_per_check = micro_batches_per_check
         self.max_evaluations = max_evaluations
         self.robust_window = robust_window
+        self.stress, self.stress_experts = stress, stress_experts
         self.checks = 0
         self.replacements = 0
         self.slots_moved = 0
@@ -252,18 +256,19 @@ class ReplacementPolicy:
         if mean <= 0:
             return ReplacementDecision(False, current, (), 1.0, 1.0, 0.0, 0.0, "no load observed")
         history = self.history.loads[-self.robust_window:] if self.robust_window else np.zeros((0, forecast.size))
-        score = ScenarioScore(np.vstack([forecast, history]), num_gpus)
+        score = ScenarioScore(np.vstack([forecast, history]), num_gpus, self.stress, self.stress_experts)
         now = placement_optimum(current, forecast)
         # Candidates: the current table improved in place (few moves) and, unless that already
         # balances every scenario, a fresh asymmetric placement; the best score wins, then fewer moves.
         candidates = [current]
-        if score.evaluate(current.phy2log)[0][0] > GOOD_ENOUGH:
-            warm_table, warm_worst, _ = improve_table(current.phy2log, None, self.max_evaluations, score=score)
+        if max(score.evaluate(current.phy2log)[0][:2]) > GOOD_ENOUGH:
+            warm_table, _, _ = improve_table(current.phy2log, None, self.max_evaluations, score=score)
             candidates.append(Placement(warm_table, current.num_experts))
-            if warm_worst > GOOD_ENOUGH:
-                candidates.append(align_slots(current, asymmetric_placement(
-                    forecast, num_gpus, slots, history, self.max_evaluations)))
-        ranked = sorted((score.evaluate(p.phy2log)[0][:2], len(slot_moves(current, p)), i)
+            if max(score.evaluate(warm_table)[0][:2]) > GOOD_ENOUGH:
+                fresh = asymmetric_placement(forecast, num_gpus, slots, history, self.max_evaluations,
+                                             stress=self.stress, stress_experts=self.stress_experts)
+                candidates.append(align_slots(current, fresh))
+        ranked = sorted((score.evaluate(p.phy2log)[0][:3], len(slot_moves(current, p)), i)
                         for i, p in enumerate(candidates))
         new = candidates[ranked[0][2]]
         new_t = placement_optimum(new, forecast)
