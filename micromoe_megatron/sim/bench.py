@@ -16,6 +16,7 @@ from .strategies import AdaptiveReplicaLP
 
 SCHEDULE_SHAPES = ((8, 32, 2), (16, 64, 2), (64, 256, 2), (64, 256, 4))
 BALANCE_SKEWS = (0.0, 0.5, 0.9, 1.2, 1.5, 2.0)
+BALANCE_TIME_LIMIT_S = 10.0
 
 
 def _percentiles(values) -> tuple[float, float]:
@@ -93,6 +94,8 @@ def bench_balance(steps: int = 50, skews=BALANCE_SKEWS, num_gpus: int = 8, num_e
     symmetric and re-places every ``replacement_interval`` steps from the steps already seen
     (causal); the first ``warm_up`` steps are left out of every column's percentiles. ``bound`` is
     the exact Eq. 3 optimum of the symmetric placement over the mean (<= 16 GPUs only).
+    The LP time limit is ``BALANCE_TIME_LIMIT_S``: this measures balance, so a busy host must not
+    turn solves into fallback plans; fallbacks are still counted per row.
     """
     layouts = {
         "vanilla": placement.vanilla(num_gpus, num_experts),
@@ -104,8 +107,10 @@ def bench_balance(steps: int = 50, skews=BALANCE_SKEWS, num_gpus: int = 8, num_e
     for skew in skews:
         rng = np.random.default_rng(seed)
         popularity = drifting_popularity(num_experts, skew, steps + warm_up, drift, rng)
-        schedulers = {name: ReplicaScheduler(p.holders, num_gpus) for name, p in layouts.items()}
-        adaptive = AdaptiveReplicaLP(layouts["symmetric"], replacement_interval)
+        schedulers = {name: ReplicaScheduler(p.holders, num_gpus, time_limit_s=BALANCE_TIME_LIMIT_S)
+                      for name, p in layouts.items()}
+        adaptive = AdaptiveReplicaLP(layouts["symmetric"], replacement_interval, time_limit_s=BALANCE_TIME_LIMIT_S)
+        fallbacks = 0
         ratios = {name: [] for name in [*layouts, "adaptive", "bound"]}
         start = time.perf_counter()
         for step, probabilities in enumerate(popularity):
@@ -117,13 +122,16 @@ def bench_balance(steps: int = 50, skews=BALANCE_SKEWS, num_gpus: int = 8, num_e
             if step < warm_up:
                 continue
             ratios["adaptive"].append(outcome.imbalance)
+            fallbacks += outcome.fallback
             for name, scheduler in schedulers.items():
-                ratios[name].append(scheduler.plan(tokens).imbalance)
+                plan = scheduler.plan(tokens)
+                ratios[name].append(plan.imbalance)
+                fallbacks += plan.fallback
             if exact_bound:
                 mean = tokens.sum() / num_gpus
                 ratios["bound"].append(placement.max_induced_density(
                     layouts["symmetric"].holders, tokens.sum(axis=0), num_gpus) / mean)
-        row = {"zipf_s": skew, "replacements": adaptive.replacements,
+        row = {"zipf_s": skew, "replacements": adaptive.replacements, "fallbacks": fallbacks,
                "slots_moved": adaptive.policy.slots_moved, "seconds": time.perf_counter() - start}
         for name, values in ratios.items():
             if values:
@@ -170,5 +178,6 @@ def format_balance(result: dict) -> str:
         cells = [f"{r.get(k + '_p50', float('nan')):.3f} / {r.get(k + '_p99', float('nan')):.3f}"
                  for k in ("vanilla", "symmetric", "random", "adaptive", "bound")]
         lines.append(f"{r['zipf_s']:>6} | {cells[0]:>15} | {cells[1]:>17} | {cells[2]:>15} | {cells[3]:>16} | "
-                     f"{cells[4]:>16} | {r['replacements']} ({r['slots_moved']})")
+                     f"{cells[4]:>16} | {r['replacements']} ({r['slots_moved']})"
+                     + (f"; {r['fallbacks']} LP fallbacks" if r.get("fallbacks") else ""))
     return "\n".join(lines)

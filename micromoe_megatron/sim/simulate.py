@@ -29,6 +29,7 @@ class StrategyResult:
     step_ms: float
     gain_vs_vanilla_pct: float = 0.0
     fallbacks: int = 0
+    migration_ms: float = 0.0  # adaptive re-placement: migration time per layer and micro-batch (mean)
     replacements: int = 0   # adaptive re-placements, summed over layers (max over groups)
 
     def to_json(self) -> dict:
@@ -93,9 +94,10 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
                 peak = max(float(o.load.max()) for o in outcomes)
                 imbalance = peak / (total / counts.num_gpus) if total else 1.0
                 entry = samples.setdefault(column.name, {k: [] for k in
-                                           ("imbalance", "compute", "a2a", "overhead", "fallback")})
+                                           ("imbalance", "compute", "a2a", "overhead", "fallback", "migration")})
                 for key, value in (("imbalance", imbalance), ("compute", compute), ("a2a", a2a),
-                                   ("overhead", overhead), ("fallback", any(o.fallback for o in outcomes))):
+                                   ("overhead", overhead), ("fallback", any(o.fallback for o in outcomes)),
+                                   ("migration", max(o.migration_ms for o in outcomes))):
                     entry[key].append(value)
         for column in zip(*strategies):
             replacements[column[0].name] = replacements.get(column[0].name, 0) + max(
@@ -106,7 +108,7 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
     for name, entry in samples.items():
         # Host solve times are wall-clock and spiky on a busy machine: use their median.
         overhead = float(np.median(entry["overhead"]))
-        layer_times = np.array(entry["compute"]) + np.array(entry["a2a"]) + overhead
+        layer_times = np.array(entry["compute"]) + np.array(entry["a2a"]) + overhead + np.array(entry["migration"])
         mean_layer = float(layer_times.mean())
         results.append(StrategyResult(
             strategy=name, imbalance_p50=float(np.percentile(entry["imbalance"], 50)),
@@ -114,7 +116,7 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
             all_to_all_ms=float(np.mean(entry["a2a"])), overhead_ms=overhead,
             layer_ms=mean_layer, layer_ms_p99=float(np.percentile(layer_times, 99)),
             step_ms=step_ms(shape, cost, mean_layer), fallbacks=int(sum(entry["fallback"])),
-            replacements=replacements.get(name, 0)))
+            replacements=replacements.get(name, 0), migration_ms=float(np.mean(entry["migration"]))))
     vanilla = next(r for r in results if r.strategy == "vanilla EP")
     for r in results:
         r.gain_vs_vanilla_pct = 100.0 * (vanilla.step_ms / r.step_ms - 1.0)
@@ -123,10 +125,10 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
 
 def format_results(results: list[StrategyResult]) -> str:
     header = (f"{'strategy':<34} {'max/mean p50':>12} {'p99':>6} {'compute':>8} {'a2a':>7} {'overhead':>8} "
-              f"{'MoE layer':>9} {'step':>9} {'gain':>7}")
-    lines = [header, f"{'':<34} {'':>12} {'':>6} {'ms':>8} {'ms':>7} {'ms':>8} {'ms':>9} {'ms':>9} {'%':>7}"]
+              f"{'migration':>9} {'MoE layer':>9} {'step':>9} {'gain':>7}")
+    lines = [header, f"{'':<34} {'':>12} {'':>6} {'ms':>8} {'ms':>7} {'ms':>8} {'ms':>9} {'ms':>9} {'ms':>9} {'%':>7}"]
     for r in results:
         lines.append(f"{r.strategy:<34} {r.imbalance_p50:>12.3f} {r.imbalance_p99:>6.3f} {r.compute_ms:>8.2f} "
-                     f"{r.all_to_all_ms:>7.2f} {r.overhead_ms:>8.2f} {r.layer_ms:>9.2f} {r.step_ms:>9.1f} "
-                     f"{r.gain_vs_vanilla_pct:>+7.1f}")
+                     f"{r.all_to_all_ms:>7.2f} {r.overhead_ms:>8.2f} {r.migration_ms:>9.2f} {r.layer_ms:>9.2f} "
+                     f"{r.step_ms:>9.1f} {r.gain_vs_vanilla_pct:>+7.1f}")
     return "\n".join(lines)

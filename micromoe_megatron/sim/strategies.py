@@ -36,12 +36,14 @@ class Outcome:
         traffic: [F, F] tokens sent from GPU s to GPU g (the diagonal stays local).
         overhead_ms: host planning time on the critical path (LP solve, counts all-gather).
         fallback: the LP fell back to an even split.
+        migration_ms: re-placement migration time charged to this micro-batch (amortised).
     """
 
     load: np.ndarray
     traffic: np.ndarray
     overhead_ms: float = 0.0
     fallback: bool = False
+    migration_ms: float = 0.0
 
     @property
     def imbalance(self) -> float:
@@ -69,9 +71,9 @@ class ReplicaLP:
     """A fixed placement and the per-micro-batch LP (the planning core)."""
 
     def __init__(self, name: str, holders, num_gpus: int, gpus_per_node: int | None = None,
-                 allgather_ms: float = 0.0, schedule_ms: float | None = None):
+                 allgather_ms: float = 0.0, schedule_ms: float | None = None, time_limit_s: float = 0.05):
         self.name = name
-        self.scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node)
+        self.scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s)
         self.allgather_ms = allgather_ms
         self.schedule_ms = schedule_ms  # None: the measured solve time
 
@@ -88,7 +90,7 @@ class AdaptiveReplicaLP:
     """MicroEP with adaptive re-placement: plan each micro-batch on the current placement, then
     record its counts; every ``interval`` micro-batches the policy may re-place (causal: a
     micro-batch is planned before it is recorded). A re-placement's migration time is charged to
-    the micro-batches of the next interval (amortised), on top of the planning overhead.
+    the micro-batches of the next interval (amortised, ``Outcome.migration_ms``).
 
     Args:
         placement: the starting placement (symmetric).
@@ -102,13 +104,14 @@ class AdaptiveReplicaLP:
     def __init__(self, placement: placements.Placement, interval: int = 1, threshold: float = 0.0,
                  migration: MigrationCost | None = None, ms_per_token: float = 0.0, gpus_per_node: int | None = None,
                  allgather_ms: float = 0.0, schedule_ms: float | None = None, window: int = 8,
-                 robust_window: int = 4):
+                 robust_window: int = 4, time_limit_s: float = 0.05):
         if interval < 1:
             raise ValueError(f"replacement interval must be >= 1 micro-batch, got {interval}")
         self.policy = ReplacementPolicy(placement, interval, threshold, window=window, alpha=0.5,
                                         migration=migration, ms_per_token=ms_per_token,
                                         micro_batches_per_check=interval, robust_window=robust_window)
-        self.lp_args = dict(gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
+        self.lp_args = dict(gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms,
+                            time_limit_s=time_limit_s)
         self.planner = ReplicaLP(self.name, placement.holders, placement.num_gpus, **self.lp_args)
         self.migration_ms = 0.0      # total predicted migration time
         self._amortised_ms = 0.0     # charged to each micro-batch of the current interval
@@ -133,7 +136,7 @@ class AdaptiveReplicaLP:
 
     def outcome(self, tokens: np.ndarray) -> Outcome:
         result = self.planner.outcome(tokens)
-        result.overhead_ms += self._amortised_ms
+        result.migration_ms = self._amortised_ms
         self.policy.observe(tokens)
         decision = self.policy.check()   # None between checks: keep charging the last migration
         if decision is not None:
