@@ -213,3 +213,21 @@ def test_moves_prefer_local_copies_and_spread_sends():
     old = Placement(np.array([[0, 2], [0, 2], [1, 2], [1, 3]]), 4)
     new = Placement(np.array([[0, 2], [1, 2], [0, 2], [0, 3]]), 4)
     assert [(m.dst_rank, m.expert, m.src_rank) for m in slot_moves(old, new)] == [(1, 1, 2), (2, 0, 0), (3, 0, 1)]
+
+
+def test_a_failing_search_keeps_the_placement_and_is_counted(monkeypatch):
+    from micromoe_megatron.core import forecast
+
+    policy, _ = policy_run(steps=1, interval=0)
+    policy.interval = 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("placement LP: time limit")
+
+    monkeypatch.setattr(forecast, "placement_optimum", broken)
+    before = policy.placement
+    decision = policy.check()
+    assert not decision.replace and decision.placement is before and "time limit" in decision.reason
+    assert policy.failures == 1
+    with pytest.raises(ValueError, match=r"load: expected \[32\]"):
+        policy.history.observe(np.ones(31))

@@ -75,6 +75,7 @@ def test_paper_bench_rows_have_the_documented_fields():
         assert {"model", "zipf_s", "strategy", "step_ms", "gain_vs_vanilla_pct"} <= set(row)
     assert next(r for r in rows if r["strategy"] == "vanilla EP")["gain_vs_vanilla_pct"] == 0.0
     assert result["paper"]["average_gain_pct"] == 36.9 and result["cost_model"]
+    assert "MicroEP (adaptive)" in {r["strategy"] for r in rows} and set(result["adaptive_gain_pct"]) == {"average", "max"}
 
 
 # ------------------------------------------------------------------ traces and counts files

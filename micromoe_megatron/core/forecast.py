@@ -47,7 +47,11 @@ class LoadHistory:
 
     def observe(self, load) -> None:
         """Record one micro-batch's ``[E]`` tokens per expert."""
-        self._loads[self.seen % self.window] = np.asarray(load, dtype=np.float64)
+        load = np.asarray(load, dtype=np.float64)
+        if load.shape != (self.num_experts,) or not np.all(np.isfinite(load)) or load.min() < 0:
+            raise ValueError(f"load: expected [{self.num_experts}] finite tokens >= 0 per expert, "
+                             f"got shape {list(load.shape)}")
+        self._loads[self.seen % self.window] = load
         self.seen += 1
 
     @property
@@ -227,6 +231,7 @@ class ReplacementPolicy:
         self.robust_window = robust_window
         self.stress, self.stress_experts = stress, stress_experts
         self.checks = 0
+        self.failures = 0
         self.replacements = 0
         self.slots_moved = 0
 
@@ -245,7 +250,14 @@ class ReplacementPolicy:
         self.checks += 1
         if self.checks % self.interval or not self.history.seen:
             return None
-        return self.decide(self.history.forecast())
+        forecast = self.history.forecast()
+        try:
+            return self.decide(forecast)
+        except Exception as exc:  # a failed search keeps the current placement; counted, same on every rank
+            self.failures += 1
+            ratio = float("nan")
+            return ReplacementDecision(False, self.placement, (), ratio, ratio, 0.0, 0.0,
+                                       f"placement search failed, keeping the placement: {exc}")
 
     def decide(self, forecast) -> ReplacementDecision:
         """Compare the current placement with the best found for ``forecast`` ``[E]``."""
