@@ -26,6 +26,7 @@ placement from the same forecast.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import highspy
@@ -290,21 +291,27 @@ class ScenarioScore:
         self.lps = [TableLP(load, num_gpus) for load in self.scenarios]
         self.evaluations = 0
 
-    def evaluate(self, table: np.ndarray) -> tuple[tuple, np.ndarray, int]:
+    def evaluate(self, table: np.ndarray, cutoff: float | None = None,
+                 first: int = 0) -> tuple[tuple, np.ndarray, int]:
         """(key, binding [F] bool of the scenario to improve, its index); lower key is better.
 
         key = (worst primary ratio, worst stress ratio (0 without), mean primary ratio, binding
         GPUs of the scenario to improve); ratios rounded to 1e-9 so floating-point noise cannot
         decide. The scenario to improve is the worst primary one, or the worst stress one once the
-        primary tier is good enough.
+        primary tier is good enough. With ``cutoff``, scoring stops at the first primary scenario
+        above it (primary scenario ``first`` is tried first) and the key is ``(inf, ...)``: the
+        table is worse than the one the cutoff came from, whatever the rest says.
         """
-        ratios, bindings = [], []
-        for lp, mean in zip(self.lps, self.means):
-            lp.set_table(table)
-            t, binding = lp.solve()
-            ratios.append(round(t / mean, 9))
-            bindings.append(binding)
         self.evaluations += 1
+        order = [first, *[k for k in range(len(self.lps)) if k != first]] if first < self.primary else \
+            list(range(len(self.lps)))
+        ratios, bindings = [0.0] * len(self.lps), [None] * len(self.lps)
+        for k in order:
+            self.lps[k].set_table(table)
+            t, bindings[k] = self.lps[k].solve()
+            ratios[k] = round(t / self.means[k], 9)
+            if cutoff is not None and k < self.primary and ratios[k] > cutoff:
+                return (math.inf, math.inf, math.inf, 0), bindings[k], k
         primary, stress = ratios[:self.primary], ratios[self.primary:]
         worst = int(np.argmax(primary))
         if primary[worst] <= GOOD_ENOUGH and stress:
@@ -342,7 +349,7 @@ def improve_table(table, scenarios, max_evaluations: int = 2000, moves_per_round
             if used >= max_evaluations:
                 break
             new_table, new_counts = _apply(table, counts, move)
-            key, new_binding, new_worst = score.evaluate(new_table)
+            key, new_binding, new_worst = score.evaluate(new_table, cutoff=best[0], first=worst)
             used += 1
             if key < best:
                 table, counts, best, binding, worst, improved = (new_table, new_counts, key, new_binding,

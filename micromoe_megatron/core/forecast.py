@@ -209,14 +209,16 @@ class ReplacementPolicy:
             forecast alone.
         stress, stress_experts: the new table also keeps slack for any of the forecast's
             ``stress_experts`` heaviest experts growing by ``stress`` (see ``ScenarioScore``).
-        max_evaluations: table scorings per placement search (deterministic work bound).
+        max_evaluations: table scorings of the fresh placement search (deterministic work bound).
+        warm_evaluations: table scorings of the in-place search from the current table (cheap in
+            moves, but far from a skewed optimum it needs many small steps, so it gets less).
     """
 
     def __init__(self, placement: Placement, interval: int, threshold: float = 0.0, window: int = 16,
                  method: str = "ema", alpha: float = 0.3, migration: MigrationCost | None = None,
                  ms_per_token: float = 0.0, micro_batches_per_check: int = 1,
                  robust_window: int = 4, stress: float = 0.2, stress_experts: int = 4,
-                 max_evaluations: int = 2000) -> None:
+                 max_evaluations: int = 2000, warm_evaluations: int = 200) -> None:
         if interval < 0:
             raise ValueError(f"interval must be >= 0 (0 = off), got {interval}")
         if threshold < 0:
@@ -227,7 +229,7 @@ class ReplacementPolicy:
         self.migration = migration or MigrationCost()
         self.ms_per_token = ms_per_token
         self.micro_batches_per_check = micro_batches_per_check
-        self.max_evaluations = max_evaluations
+        self.max_evaluations, self.warm_evaluations = max_evaluations, warm_evaluations
         self.robust_window = robust_window
         self.stress, self.stress_experts = stress, stress_experts
         self.checks = 0
@@ -274,7 +276,7 @@ class ReplacementPolicy:
         # balances every scenario, a fresh asymmetric placement; the best score wins, then fewer moves.
         candidates = [current]
         if max(score.evaluate(current.phy2log)[0][:2]) > GOOD_ENOUGH:
-            warm_table, _, _ = improve_table(current.phy2log, None, self.max_evaluations, score=score)
+            warm_table, _, _ = improve_table(current.phy2log, None, self.warm_evaluations, score=score)
             candidates.append(Placement(warm_table, current.num_experts))
             if max(score.evaluate(warm_table)[0][:2]) > GOOD_ENOUGH:
                 fresh = asymmetric_placement(forecast, num_gpus, slots, history, self.max_evaluations,
