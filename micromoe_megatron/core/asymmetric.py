@@ -226,19 +226,30 @@ def _moves(table: np.ndarray, binding: np.ndarray, load: np.ndarray, counts: np.
     held_in_b = np.zeros(load.size, dtype=np.int64)
     np.add.at(held_in_b, table[inside].ravel(), 1)
     trapped = held_in_b == counts
-    candidates = []
-    for g in inside:
-        for l in range(slots):
-            a = table[g, l]
-            if not trapped[a] or load[a] <= 0:
-                continue
-            for h in outside:
-                b = table[h, l]
-                key = (-load[a], per_replica[b], int(g), int(l), int(h))
-                if counts[b] >= 2:
-                    candidates.append((key + (0,), (int(g), int(h), int(l), "take")))
-                candidates.append((key + (1,), (int(g), int(h), int(l), "swap")))
-    candidates.sort(key=lambda c: c[0])
+    slot_of = np.full(load.size, -1, dtype=np.int64)
+    slot_of[table] = np.arange(slots)[None, :]
+    experts = [int(a) for a in np.lexsort((np.arange(load.size), -load)) if trapped[a] and load[a] > 0]
+    # Candidates sort by (-load[a], per_replica[b], g, l, h, take-before-swap); build them one
+    # group of equally loaded experts at a time and stop once the limit is reached.
+    candidates: list = []
+    start = 0
+    while start < len(experts) and len(candidates) < limit:
+        stop = start
+        while stop < len(experts) and load[experts[stop]] == load[experts[start]]:
+            stop += 1
+        group = []
+        for a in experts[start:stop]:
+            l = int(slot_of[a])
+            for g in inside[table[inside, l] == a]:
+                for h in outside:
+                    b = table[h, l]
+                    key = (per_replica[b], int(g), l, int(h))
+                    if counts[b] >= 2:
+                        group.append((key + (0,), (int(g), int(h), l, "take")))
+                    group.append((key + (1,), (int(g), int(h), l, "swap")))
+        group.sort(key=lambda c: c[0])
+        candidates += group
+        start = stop
     return [c[1] for c in candidates[:limit]]
 
 
