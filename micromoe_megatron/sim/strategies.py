@@ -71,9 +71,9 @@ class ReplicaLP:
     """A fixed placement and the per-micro-batch LP (the planning core)."""
 
     def __init__(self, name: str, holders, num_gpus: int, gpus_per_node: int | None = None,
-                 allgather_ms: float = 0.0, schedule_ms: float | None = None, time_limit_s: float = 0.05):
+                 allgather_ms: float = 0.0, schedule_ms: float | None = None):
         self.name = name
-        self.scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s)
+        self.scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node)
         self.allgather_ms = allgather_ms
         self.schedule_ms = schedule_ms  # None: the measured solve time
 
@@ -104,14 +104,13 @@ class AdaptiveReplicaLP:
     def __init__(self, placement: placements.Placement, interval: int = 1, threshold: float = 0.0,
                  migration: MigrationCost | None = None, ms_per_token: float = 0.0, gpus_per_node: int | None = None,
                  allgather_ms: float = 0.0, schedule_ms: float | None = None, window: int = 8,
-                 robust_window: int = 4, time_limit_s: float = 0.05):
+                 robust_window: int = 4):
         if interval < 1:
             raise ValueError(f"replacement interval must be >= 1 micro-batch, got {interval}")
         self.policy = ReplacementPolicy(placement, interval, threshold, window=window, alpha=0.5,
                                         migration=migration, ms_per_token=ms_per_token,
                                         micro_batches_per_check=interval, robust_window=robust_window)
-        self.lp_args = dict(gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms,
-                            time_limit_s=time_limit_s)
+        self.lp_args = dict(gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
         self.planner = ReplicaLP(self.name, placement.holders, placement.num_gpus, **self.lp_args)
         self.migration_ms = 0.0      # total predicted migration time
         self._amortised_ms = 0.0     # charged to each micro-batch of the current interval
