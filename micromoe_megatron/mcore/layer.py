@@ -100,8 +100,12 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
 
     Works for the local and TransformerEngine specs: ``get_gpt_layer_local_spec``,
     ``get_gpt_layer_with_transformer_engine_spec``, ``get_gpt_decoder_block_spec`` and their
-    ``TransformerBlockSubmodules``. Dense layers are left alone.
+    ``TransformerBlockSubmodules``, and for multi-token-prediction block specs
+    (``get_gpt_mtp_block_spec``: ``MultiTokenPredictionBlockSubmodules``). Dense layers are left alone;
+    ``None`` (no MTP block on this stage) stays ``None``.
     """
+    if spec is None:
+        return None
     spec = copy.copy(spec)
     layer_specs = getattr(spec, "layer_specs", None)
     if layer_specs is None and isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "layer_specs"):
@@ -113,4 +117,8 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
     if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mlp"):
         spec.submodules = copy.copy(spec.submodules)
         spec.submodules.mlp = _swap_mlp(spec.submodules.mlp, micro_ep)
+    elif isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mtp_model_layer"):
+        # A multi-token-prediction layer: its inner transformer layer holds the MoE layer.
+        spec.submodules = copy.copy(spec.submodules)
+        spec.submodules.mtp_model_layer = use_micro_ep(spec.submodules.mtp_model_layer, micro_ep)
     return spec
