@@ -55,14 +55,14 @@ class MicroMoELayer(MoELayer):
         self.token_dispatcher = MicroEPDispatcher(
             self.num_local_experts, self.local_expert_indices, config=physical,
             pg_collection=pg_collection, placement=self.placement, micro_ep=micro_ep,
-            vanilla_ep=vanilla_ep, layer_number=layer_number)
+            vanilla_ep=vanilla_ep, layer_number=_layer_label(layer_number, is_mtp_layer))
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron numbers MoE layers after building them; the dispatcher's errors and logs use it."""
         super().set_layer_number(layer_number)
-        self.token_dispatcher.layer_number = layer_number
+        self.token_dispatcher.layer_number = _layer_label(layer_number, self.is_mtp_layer)
 
     @property
     def micro_ep_stats(self):
@@ -77,6 +77,11 @@ class MicroMoELayer(MoELayer):
             num_logical=self.logical_config.num_moe_experts, replicas=self.micro_ep.replicas)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         return logical_expert_state_dict(state, f"{prefix}experts.", mapping, singleton)
+
+
+def _layer_label(layer_number, is_mtp_layer: bool):
+    """How errors and logs name a layer: Megatron numbers MTP layers 1, 2, ... like decoder layers."""
+    return f"MTP {layer_number}" if is_mtp_layer and layer_number is not None else layer_number
 
 
 def _build_router(router_builder, logical_config, *, config, pg_collection, **kwargs):
