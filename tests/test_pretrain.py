@@ -115,9 +115,11 @@ def _pair(options: list[str], iters: int = 3, tolerance: float = 1e-5):
     return stock, micro
 
 
-# MoE options of one pair: sigmoid router with expert bias, shared experts, capacity without padding,
-# MoE-layer recompute, and a multi-token-prediction layer (its MoE layer is a MicroMoELayer too).
-MOE_OPTIONS = ["--expert-model-parallel-size", "2", "--disable-bias-linear", "--moe-router-score-function", "sigmoid",
+# MoE options of one pair: a dense first layer (--moe-layer-freq), sigmoid router with expert bias, shared
+# experts, capacity without padding, MoE-layer recompute, and a multi-token-prediction layer (its MoE
+# layer is a MicroMoELayer too).
+MOE_OPTIONS = ["--expert-model-parallel-size", "2", "--disable-bias-linear", "--moe-layer-freq", "[0,1]",
+               "--moe-router-score-function", "sigmoid",
                "--moe-router-enable-expert-bias", "--moe-shared-expert-intermediate-size", "64",
                "--moe-expert-capacity-factor", "1.0", "--recompute-granularity", "selective",
                "--recompute-modules", "moe", "--mtp-num-layers", "1", "--position-embedding-type", "rope"]
@@ -127,7 +129,7 @@ def test_moe_options_and_mtp_match_stock():
     stock, micro = _pair(MOE_OPTIONS)
     mtp_losses = [re.findall(r"mtp_1 loss: ([0-9.E+-]+)", run.log) for run in (stock, micro)]
     assert len(mtp_losses[0]) == 3 and mtp_losses[0] == mtp_losses[1]
-    assert "MicroEP [iteration 3] MoE layers: 3" in micro.log  # 2 decoder + 1 MTP layer balanced
+    assert "MicroEP [iteration 3] MoE layers: 2" in micro.log  # decoder layer 2 and the MTP layer
 
 
 def test_pipeline_parallel_and_recompute_match_stock():
