@@ -1,6 +1,6 @@
 import pytest
 
-from tests.dist_pool import RankPool
+from micromoe_megatron.training.rank_pool import RankPool
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,14 @@ def _train(ddp, optimizer, rank: int) -> list[float]:
 
 def run_recipe(rank, world_size, *, code: str, micro_ep: bool):
     """Run the README block (``micro_ep=True``) or the same model as stock EP (the block with its
-    MicroEP lines neutralised), then train a few steps on the shared test data."""
+    MicroEP lines replaced by what a stock loop does: EP = ep, Megatron's own finalize_model_grads),
+    then train a few steps on the shared test data."""
     if not micro_ep:  # the stock reference: d = 1 groups of ep, no MicroEP pieces
         code = (code.replace("d * ep", "ep").replace("use_micro_ep(", "(lambda spec, _: spec)(")
                 .replace("replica_sync.attach([model])", "")
-                .replace("config.finalize_model_grads_func = replica_sync", ""))
+                .replace("config.finalize_model_grads_func = replica_sync",
+                         "from megatron.core.distributed import finalize_model_grads\n"
+                         "config.finalize_model_grads_func = finalize_model_grads"))
     namespace: dict = {}
     exec(compile(code, "README.md recipe", "exec"), namespace)  # noqa: S102 - the README's own code
     losses = _train(namespace["ddp"], namespace["optimizer"], rank)

@@ -72,3 +72,17 @@ def test_recompute_of_the_moe_layer_reuses_the_plan(rank_pool):
     assert_equivalent(results)
     for r in results:
         assert r["recomputing"] and r["plans_computed"] == 1, r
+
+
+def test_capacity_factor_token_dropping_matches_stock(rank_pool):
+    """The router drops by logical capacity (hot expert: it does drop); the dispatcher then needs
+    this rank's total before permuting, and still equals stock."""
+    results = rank_pool.run("tests.dist_cases:stock_vs_micro_ep", ep=2, replicas=2, top_k=2, hot_expert=3,
+                            moe_expert_capacity_factor=1.0)
+    assert_equivalent(results)
+    assert sum(r["stock_received"] for r in results) < 2 * 32 * 4  # tokens were dropped
+
+
+def test_padding_to_capacity_is_refused_naming_the_flag(rank_pool):
+    for message in rank_pool.run("tests.dist_cases:refused_option", option="moe_pad_expert_input_to_capacity"):
+        assert "--moe-pad-expert-input-to-capacity is not supported with --micro-ep" in message, message

@@ -96,6 +96,16 @@ def test_no_import_cycles():
             visit(module)
 
 
+def test_package_never_imports_the_tests():
+    """Benchmarks and tools live in the package; the test suite is never one of its dependencies."""
+    offenders = [module for module, path in ((_module_name(p), p) for p in PACKAGE.rglob("*.py"))
+                 if any(node.module == "tests" or (node.module or "").startswith("tests.")
+                        for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom))
+                 or any(alias.name.split(".")[0] == "tests" for node in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(node, ast.Import) for alias in node.names)]
+    assert offenders == []
+
+
 def test_the_walk_sees_function_local_imports():
     """Guard the guard: the dispatcher imports the planning core, the launcher imports the layer lazily."""
     graph = _graph()

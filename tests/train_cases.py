@@ -104,27 +104,32 @@ def _logical_expert_weights(model) -> dict:
     return weights
 
 
-def _checkpoint_state(model, optimizer, is_loading: bool) -> dict:
-    """What Megatron's training checkpoint holds, minus the bookkeeping: model and optimizer."""
-    model_state = model.sharded_state_dict()
+def _checkpoint_state(model, optimizer, is_loading: bool, sharding_type: str | None = None) -> dict:
+    """What Megatron's training checkpoint holds, minus the bookkeeping: model and optimizer.
+
+    ``sharding_type``: the distributed optimizer's format (Megatron's ``distrib_optim_sharding_type``;
+    ``dp_reshardable`` is what ``pretrain()`` writes by default)."""
+    metadata = {"distrib_optim_sharding_type": sharding_type} if sharding_type else None
+    model_state = model.sharded_state_dict(metadata=metadata)
     return {"model": model_state,
-            "optimizer": optimizer.sharded_state_dict({"model": model_state}, is_loading=is_loading)}
+            "optimizer": optimizer.sharded_state_dict({"model": model_state}, is_loading=is_loading,
+                                                      metadata=metadata)}
 
 
-def _save(model, optimizer, directory: str) -> None:
+def _save(model, optimizer, directory: str, sharding_type: str | None = None) -> None:
     import os
 
     from megatron.core import dist_checkpointing
 
     os.makedirs(directory, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_checkpoint_state(model, optimizer, is_loading=False), directory)
+    dist_checkpointing.save(_checkpoint_state(model, optimizer, False, sharding_type), directory)
 
 
-def _load(model, optimizer, directory: str) -> None:
+def _load(model, optimizer, directory: str, sharding_type: str | None = None) -> None:
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_checkpoint_state(model, optimizer, is_loading=True), directory)
+    state = dist_checkpointing.load(_checkpoint_state(model, optimizer, True, sharding_type), directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
 
@@ -198,12 +203,13 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
           overlap_grad_reduce: bool = False, distributed_optimizer: bool = False, check_every: int = 0,
           sync: bool = True, placement: str = "symmetric", placement_seed: int = 0, first_step: int = 0,
           save_dir: str | None = None, save_after: int | None = None, load_dir: str | None = None,
-          replace_every: int = 0):
+          replace_every: int = 0, sharding_type: str | None = None):
     """Train steps ``first_step .. steps-1``; returns losses, grad norms and the logical expert weights
     held here. ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron
     EP = 2 d). ``sync=False`` leaves out the replica gradient sum (a negative control). ``save_dir`` /
     ``save_after``: write a distributed checkpoint after that many steps; ``load_dir``: start from one.
-    ``replace_every``: re-place every this many iterations with CyclingPolicy (live migration).
+    ``replace_every``: re-place every this many iterations with CyclingPolicy (live migration);
+    ``sharding_type``: the distributed optimizer's checkpoint format.
     """
     ep_size = EP * max(micro_ep, 1)
     model, ddp, optimizer, config, replica_sync = _build(
@@ -212,7 +218,7 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
     if not sync:
         config.finalize_model_grads_func = finalize_model_grads
     if load_dir:
-        _load(model, optimizer, load_dir)
+        _load(model, optimizer, load_dir, sharding_type)
     if overlap_grad_reduce:
         config.no_sync_func = ddp.no_sync
     forward_backward = get_forward_backward_func()
@@ -235,7 +241,7 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
         if controller is not None:
             controller.step([ddp], optimizer, step + 1)
         if save_dir and step + 1 == save_after:
-            _save(model, optimizer, save_dir)
+            _save(model, optimizer, save_dir, sharding_type)
     replicas_identical = True
     if micro_ep and sync:
         check_replicas(replica_layers([model]))

@@ -1,4 +1,4 @@
-"""Per-layer, per-micro-batch token schedule: LP (HiGHS) -> integer replica quotas -> routes.
+"""Per-layer, per-micro-batch token schedule: counts -> integer replica quotas -> routes.
 
 Inputs (identical on every rank after the all-gather of counts):
     tokens[s, e]  int ``[F, E]``: tokens on source GPU ``s`` routed to logical expert ``e``.
@@ -8,13 +8,18 @@ Outputs (``SchedulePlan``):
     quota[e, g]   int ``[E, F]``: tokens of expert ``e`` processed on GPU ``g`` (0 off holders).
     routes        int ``[R, 4]`` rows ``(src, expert, dst, count)``, sorted, counts > 0.
 
-The LP is the paper's LPP 1: minimise t subject to sum_g x[e, g] = load[e] over holders and
-sum_e x[e, g] <= t per GPU. One persistent ``highspy.Highs`` per layer; each step changes only the
-expert rows' bounds and re-solves from the previous basis (warm start).
+A plan is a pure function of (placement, counts): ``core.quota`` finds the integer optimum of the
+paper's LPP 1, ``T = ceil(t*)``, with a certificate (a plan at ``T`` and a GPU subset of Eq. 3
+density ``> T - 1``), and among plans at ``T`` keeps the most tokens on their own GPU (LPP 4 made
+lexicographic); ``core.routing`` then pairs tokens with quotas local first, then same node. No
+warm start, time limit or solver history can change which plan comes out, so a restarted rank or
+one that fell back once agrees with the others at every other step.
 
-Determinism: HiGHS runs single-threaded, and rounding and routing are fixed-order numpy, so the
-same sequence of inputs gives a bit-identical sequence of plans in any process. The ranks of a
-MicroEP group feed each layer's scheduler the same sequence, so their plans agree.
+HiGHS: with ``solve_lp=True`` the scheduler also solves LPP 1 with HiGHS every step (a reduced
+model: one column per replica but the last, no per-expert equality rows; see ``_build_lp``) to
+report the fractional optimum t* and to cross-check the certificate (``ceil(t*)`` must equal the
+plan's ``T``; otherwise the step falls back). Warm starts only change how fast HiGHS finds t*,
+which is unique. Tests use HiGHS as the reference for ``T`` and for the fewest remote tokens.
 """
 
 from __future__ import annotations
@@ -30,16 +35,26 @@ import numpy as np
 
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
+from .quota import PlanWorkLimit, QuotaPlanner
 from .routing import route_tokens
 
 # t* is a ratio (integer load) / (subset size <= F), so it lies at least 1/F from any integer it is
 # not equal to; this tolerance only absorbs floating-point noise of the simplex.
 _OPTIMUM_TOLERANCE = 1e-6
 
+# Default deterministic work limit: augmenting paths per plan before the fallback plan is used.
+DEFAULT_WORK_LIMIT = 100_000
+
 
 @dataclass(frozen=True)
 class SchedulePlan:
-    """One layer's plan for one micro-batch. Arrays are int64; see the module docstring."""
+    """One layer's plan for one micro-batch. Arrays are int64; see the module docstring.
+
+    ``lp_optimum`` is HiGHS's LP optimum t* when the LP was solved (``lp_solved``), otherwise the
+    certified lower bound on t*: the Eq. 3 density of the certificate GPU subset, whose ceiling is
+    also ceil(t*) (NaN for a fallback plan). Either way ``max_load == ceil(lp_optimum)`` for a
+    plan that is not a fallback.
+    """
 
     quota: np.ndarray
     routes: np.ndarray
@@ -48,6 +63,8 @@ class SchedulePlan:
     fallback_reason: str = ""
     schedule_ms: float = 0.0
     gpus_per_node: int | None = None
+    lp_solved: bool = False
+    augmentations: int = 0
 
     @property
     def load_per_gpu(self) -> np.ndarray:
@@ -88,6 +105,7 @@ class SchedulePlan:
             "mean_load": self.mean_load,
             "imbalance": self.imbalance,
             "lp_optimum": None if math.isnan(self.lp_optimum) else self.lp_optimum,
+            "lp_solved": self.lp_solved,
             "load_per_gpu": self.load_per_gpu.tolist(),
             "quota": self.quota.tolist(),
             "routes": self.routes.tolist(),
@@ -100,7 +118,7 @@ class SchedulePlan:
 
 
 class SolverFailure(RuntimeError):
-    """The LP did not give a usable answer (error, time limit, invalid solution)."""
+    """The planner or the LP did not give a usable answer (error, work limit, inconsistency)."""
 
 
 @contextlib.contextmanager
@@ -127,184 +145,172 @@ class ReplicaScheduler:
         holders: per logical expert, the GPUs (0..F-1) holding a replica.
         num_gpus: ``F``, the MicroEP group size.
         gpus_per_node: GPUs per node, for same-node-before-remote routing; None = one node.
-        time_limit_s: HiGHS time limit per solve; exceeding it yields a fallback plan.
-        warm_start: reuse the previous basis (True) or solve every step from scratch.
+        work_limit: augmenting paths allowed per plan (a count, identical on every rank); past
+            it the step uses the fallback plan. None = unlimited.
+        solve_lp: also solve the LP with HiGHS every step (reports t*, cross-checks the plan).
+        warm_start: HiGHS reuses the previous basis (speed only; t* is unique).
     """
 
     def __init__(self, holders, num_gpus: int, gpus_per_node: int | None = None,
-                 time_limit_s: float = 0.05, warm_start: bool = True) -> None:
+                 work_limit: int | None = DEFAULT_WORK_LIMIT, solve_lp: bool = False,
+                 warm_start: bool = True) -> None:
         self.holders = validate_holders(holders, num_gpus)
         if gpus_per_node is not None and (gpus_per_node < 1 or (
                 gpus_per_node < num_gpus and num_gpus % gpus_per_node)):
             raise ValueError(f"gpus_per_node must be >= 1 and divide num_gpus={num_gpus} "
                              f"(or be >= it), got {gpus_per_node}")
+        if work_limit is not None and work_limit < 0:
+            raise ValueError(f"work_limit must be >= 0 or None, got {work_limit}")
         self.num_gpus = num_gpus
         self.num_experts = len(self.holders)
         self.gpus_per_node = gpus_per_node
+        self.work_limit = work_limit
+        self.solve_lp = solve_lp
         self.warm_start = warm_start
-        self.time_limit_s = time_limit_s
         self.solves = 0
         self.fallbacks = 0
-        # LP column c is x[col_expert[c], col_gpu[c]], expert-major; the last column is t.
-        self.col_expert = np.repeat(np.arange(self.num_experts), [len(h) for h in self.holders])
-        self.col_gpu = np.array([g for h in self.holders for g in h], dtype=np.int64)
         self._holder_table = pad_holders(self.holders)
+        self._planner = QuotaPlanner(self._holder_table, num_gpus)
         self.needs_lp = any(len(h) > 1 for h in self.holders)
-        self._highs = self._build_lp() if self.needs_lp else None
-
-    # ---------------------------------------------------------------- LP
-
-    def _build_lp(self) -> highspy.Highs:
-        """Rows 0..E-1: sum_g x[e, g] = load[e]; rows E..E+F-1: sum_e x[e, g] - t <= 0."""
-        num_x, e_rows, f = len(self.col_gpu), self.num_experts, self.num_gpus
-        lp = highspy.HighsLp()
-        lp.num_col_ = num_x + 1
-        lp.num_row_ = e_rows + f
-        lp.col_cost_ = np.r_[np.zeros(num_x), 1.0]
-        lp.col_lower_ = np.zeros(num_x + 1)
-        lp.col_upper_ = np.full(num_x + 1, highspy.kHighsInf)
-        lp.row_lower_ = np.r_[np.zeros(e_rows), np.full(f, -highspy.kHighsInf)]
-        lp.row_upper_ = np.zeros(e_rows + f)
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = np.r_[np.arange(0, 2 * num_x + 1, 2), 2 * num_x + f].astype(np.int32)
-        x_rows = np.stack([self.col_expert, e_rows + self.col_gpu], axis=1).ravel()
-        lp.a_matrix_.index_ = np.r_[x_rows, e_rows + np.arange(f)].astype(np.int32)
-        lp.a_matrix_.value_ = np.r_[np.ones(2 * num_x), -np.ones(f)]
-        with _quiet_stdout():
-            highs = highspy.Highs()
-        for name, value in (("output_flag", False), ("threads", 1), ("presolve", "off"),
-                            ("solver", "simplex"), ("simplex_strategy", 1)):
-            highs.setOptionValue(name, value)
-        highs.passModel(lp)
-        self._expert_rows = np.arange(e_rows, dtype=np.int32)
-        return highs
-
-    def _solve_lp(self, load: np.ndarray) -> tuple[np.ndarray, float]:
-        """Return (x per LP column, t*). Raises SolverFailure if HiGHS gives no optimal solution."""
-        highs = self._highs
-        if not self.warm_start:
-            highs.clearSolver()
-        # HiGHS measures time_limit against the object's cumulative run time: move it each step.
-        highs.setOptionValue("time_limit", highs.getRunTime() + self.time_limit_s)
-        bounds = load.astype(np.float64)
-        highs.changeRowsBounds(self.num_experts, self._expert_rows, bounds, bounds)
-        run_status = highs.run()
-        model_status = highs.getModelStatus()
-        if run_status != highspy.HighsStatus.kOk or model_status != highspy.HighsModelStatus.kOptimal:
-            highs.clearSolver()  # do not warm-start the next step from a broken state
-            raise SolverFailure(f"HiGHS: run {run_status}, model {highs.modelStatusToString(model_status)}")
-        values = np.asarray(highs.getSolution().col_value, dtype=np.float64)
-        return values[:-1], float(values[-1])
+        self._highs = None
 
     # ---------------------------------------------------------------- plan
 
     def plan(self, tokens) -> SchedulePlan:
-        """Plan one micro-batch. ``tokens`` is int ``[F, E]``; never raises on solver trouble."""
+        """Plan one micro-batch. ``tokens`` is int ``[F, E]``; never raises on planner trouble."""
         start = time.perf_counter()
         tokens = validate_counts(tokens, self.num_gpus, self.num_experts)
         load = tokens.sum(axis=0)
-        fallback_reason = ""
+        fallback_reason, lp_solved, augmentations = "", False, 0
         if not self.needs_lp:
-            quota = self._single_holder_quota(load)
+            quota = self._even_split_quota(load)  # one holder each: the only plan
             optimum = float(quota.sum(axis=0).max()) if quota.size else 0.0
         else:
             self.solves += 1
             try:
-                x, optimum = self._solve_lp(load)
-                quota = self._integer_quota(x, load, optimum)
-            except Exception as exc:  # any solver trouble: a valid plan beats a crashed training step
+                optimum = self._solve_lp(load) if self.solve_lp else None
+                asked = []
+
+                def lp_optimum():  # asked by the planner only when a cut shows the step needs it
+                    asked.append(optimum if optimum is not None else self._solve_lp(load))
+                    return asked[-1]
+
+                result = self._planner.solve(tokens, self.work_limit, lp_optimum)
+                quota, augmentations = result.quota, result.augmentations
+                self._check_quota(quota, load, result.capacity)
+                if self.solve_lp and math.ceil(optimum - _OPTIMUM_TOLERANCE) != result.capacity:
+                    raise SolverFailure(f"HiGHS optimum {optimum} disagrees with the certified "
+                                        f"integer optimum {result.capacity}")
+                if optimum is None and asked:
+                    optimum = asked[-1]
+                # Report t* when HiGHS gave one consistent with T, else the planner's bound.
+                lp_solved = optimum is not None and math.ceil(optimum - _OPTIMUM_TOLERANCE) == result.capacity
+                if not lp_solved:
+                    optimum = result.bound
+            except Exception as exc:  # any trouble: a valid plan beats a crashed training step
                 self.fallbacks += 1
                 fallback_reason = str(exc) or type(exc).__name__
-                quota, optimum = self._even_split_quota(load), math.nan
+                quota, optimum, lp_solved = self._even_split_quota(load), math.nan, False
         routes = route_tokens(tokens, quota, self._holder_table, self.gpus_per_node)
         return SchedulePlan(quota=quota, routes=routes, lp_optimum=optimum,
                             fallback=bool(fallback_reason), fallback_reason=fallback_reason,
                             schedule_ms=(time.perf_counter() - start) * 1e3,
-                            gpus_per_node=self.gpus_per_node)
+                            gpus_per_node=self.gpus_per_node, lp_solved=lp_solved,
+                            augmentations=augmentations)
 
-    def _quota_matrix(self, per_column: np.ndarray) -> np.ndarray:
-        quota = np.zeros((self.num_experts, self.num_gpus), dtype=np.int64)
-        quota[self.col_expert, self.col_gpu] = per_column
-        return quota
-
-    def _single_holder_quota(self, load: np.ndarray) -> np.ndarray:
-        return self._quota_matrix(load[self.col_expert])
+    def _check_quota(self, quota: np.ndarray, load: np.ndarray, capacity: int) -> None:
+        """Cheap guard on the planner's output (a bug must become a counted fallback, not a hang)."""
+        if quota.min(initial=0) < 0 or not np.array_equal(quota.sum(axis=1), load):
+            raise SolverFailure("planner quota does not match the expert loads")
+        if quota.sum(axis=0).max(initial=0) > capacity:
+            raise SolverFailure("planner quota exceeds its certified max load")
 
     def _even_split_quota(self, load: np.ndarray) -> np.ndarray:
         """Fallback: each expert's tokens split evenly over its holders (first holders take the rest)."""
-        counts = np.array([len(h) for h in self.holders])
-        rank_in_expert = np.arange(len(self.col_gpu)) - np.repeat(np.cumsum(counts) - counts, counts)
+        planner = self._planner
+        counts = planner.valid.sum(axis=1)
+        rank_in_expert = np.arange(planner.col_expert.size) - np.repeat(np.cumsum(counts) - counts, counts)
         share, extra = load // counts, load % counts
-        return self._quota_matrix(share[self.col_expert] + (rank_in_expert < extra[self.col_expert]))
-
-    def _integer_quota(self, x: np.ndarray, load: np.ndarray, optimum: float) -> np.ndarray:
-        """Round the LP solution to integers with every GPU load <= T = ceil(t*).
-
-        Why this always succeeds: in the flow network source -> expert e (capacity load[e]) ->
-        holder GPU g -> sink (capacity T), the LP solution is a fractional flow saturating every
-        expert edge, because its GPU loads are <= t* <= T. So the max flow equals sum(load), and by
-        the integrality theorem of max flow (integer capacities) an integral flow of that value
-        exists: an integer quota with max load <= T. We round x (per-expert cumulative rounding
-        keeps each expert's total exact and every entry within 1 of x), then push any excess above
-        T along augmenting paths of the residual network, which exist while the flow is not a
-        feasible one at capacity T (Ford-Fulkerson).
-        """
-        if not (np.all(np.isfinite(x)) and math.isfinite(optimum)):
-            raise SolverFailure("LP solution is not finite")
-        if x.min(initial=0.0) < -1e-6 or optimum < -1e-6:
-            raise SolverFailure("LP solution is negative")
-        capacity = math.ceil(optimum - _OPTIMUM_TOLERANCE)
-        # Cumulative rounding: columns are expert-major, so the running sum at each expert boundary
-        # is an integer (the loads so far) and rounding it cannot move that boundary.
-        running = np.rint(np.cumsum(np.clip(x, 0.0, None))).astype(np.int64)
-        per_column = np.diff(np.r_[0, running])
-        quota = self._quota_matrix(per_column)
-        if not np.array_equal(quota.sum(axis=1), load):
-            raise SolverFailure("LP solution does not match the expert loads")
-        self._repair_overload(quota, capacity)
+        quota = np.zeros((self.num_experts, self.num_gpus), dtype=np.int64)
+        quota[planner.col_expert, planner.col_gpu] = (share[planner.col_expert]
+                                                      + (rank_in_expert < extra[planner.col_expert]))
         return quota
 
-    def _repair_overload(self, quota: np.ndarray, capacity: int) -> None:
-        """Move tokens between replicas until every GPU load <= capacity (in place, fixed order)."""
-        gpu_load = quota.sum(axis=0)
-        experts_on = None
-        while (overloaded := np.flatnonzero(gpu_load > capacity)).size:
-            source = int(overloaded[0])
-            if experts_on is None:
-                experts_on = [np.flatnonzero(self.col_gpu == g) for g in range(self.num_gpus)]
-            # BFS over GPUs: g -> g' when some expert on g with quota > 0 also lives on g'.
-            parent: dict[int, tuple[int, int]] = {source: (-1, -1)}
-            frontier, target = [source], -1
-            while frontier and target < 0:
-                next_frontier = []
-                for g in frontier:
-                    for column in experts_on[g]:
-                        e = int(self.col_expert[column])
-                        if quota[e, g] == 0:
-                            continue
-                        for h in self.holders[e]:
-                            if h in parent:
-                                continue
-                            parent[h] = (g, e)
-                            if gpu_load[h] < capacity:
-                                target = h
-                                break
-                            next_frontier.append(h)
-                        if target >= 0:
-                            break
-                    if target >= 0:
-                        break
-                frontier = next_frontier
-            if target < 0:
-                raise SolverFailure(f"no integer plan at max load {capacity}: LP optimum is wrong")
-            path, node = [], target
-            while parent[node][0] >= 0:
-                path.append((parent[node][0], parent[node][1], node))
-                node = parent[node][0]
-            amount = min(gpu_load[source] - capacity, capacity - gpu_load[target],
-                         min(quota[e, g] for g, e, _ in path))
-            for g, e, h in path:
-                quota[e, g] -= amount
-                quota[e, h] += amount
-            gpu_load[source] -= amount
-            gpu_load[target] += amount
+    # ---------------------------------------------------------------- HiGHS (reference / report)
+
+    def _build_lp(self) -> highspy.Highs:
+        """LPP 1 without per-expert equality rows: the last holder of each expert takes the rest.
+
+        Columns: ``x[e, j]`` for every holder ``j`` of ``e`` but the last, then ``t``. Row ``g``
+        (one per GPU): ``sum x on g - sum over experts whose last holder is g of their x - t
+        <= -(load of experts whose last holder is g)``. The last holder's share ``load[e] - sum_j
+        x[e, j]`` must be >= 0: a column bound for d = 2, one row per expert for d >= 3.
+        """
+        table, f = self._holder_table, self.num_gpus
+        width = (table >= 0).sum(axis=1)
+        self._last_holder = table[np.arange(self.num_experts), width - 1]
+        col_expert = np.repeat(np.arange(self.num_experts), width - 1)
+        col_gpu = np.concatenate([table[e, :w - 1] for e, w in enumerate(width)])
+        self._lp_col_expert = col_expert
+        self._wide_experts = np.flatnonzero(width > 2)
+        wide_row = np.full(self.num_experts, -1)
+        wide_row[self._wide_experts] = f + np.arange(self._wide_experts.size)
+        n = col_expert.size
+        index, value, start = [], [], [0]
+        for c in range(n):
+            e = int(col_expert[c])
+            rows = [int(col_gpu[c]), int(self._last_holder[e])]
+            vals = [1.0, -1.0]
+            if wide_row[e] >= 0:
+                rows.append(int(wide_row[e]))
+                vals.append(1.0)
+            index += rows
+            value += vals
+            start.append(len(index))
+        index += list(range(f))
+        value += [-1.0] * f
+        start.append(len(index))
+        lp = highspy.HighsLp()
+        lp.num_col_ = n + 1
+        lp.num_row_ = f + self._wide_experts.size
+        lp.col_cost_ = np.r_[np.zeros(n), 1.0]
+        lp.col_lower_ = np.zeros(n + 1)
+        lp.col_upper_ = np.full(n + 1, highspy.kHighsInf)
+        lp.row_lower_ = np.full(lp.num_row_, -highspy.kHighsInf)
+        lp.row_upper_ = np.zeros(lp.num_row_)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = np.asarray(start, dtype=np.int32)
+        lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
+        lp.a_matrix_.value_ = np.asarray(value, dtype=np.float64)
+        with _quiet_stdout():
+            highs = highspy.Highs()
+        for name, option in (("output_flag", False), ("threads", 1), ("presolve", "off"),
+                             ("solver", "simplex"), ("simplex_strategy", 1)):
+            highs.setOptionValue(name, option)
+        highs.passModel(lp)
+        return highs
+
+    def _solve_lp(self, load: np.ndarray) -> float:
+        """HiGHS's LP optimum t* for expert loads ``[E]``. Raises SolverFailure without an optimum."""
+        if self._highs is None:
+            self._highs = self._build_lp()
+        highs = self._highs
+        if not self.warm_start:
+            highs.clearSolver()
+        f, n = self.num_gpus, self._lp_col_expert.size
+        bounds = load.astype(np.float64)
+        rest = -np.bincount(self._last_holder, weights=bounds, minlength=f)
+        upper = np.r_[rest, bounds[self._wide_experts]]
+        highs.changeRowsBounds(upper.size, np.arange(upper.size, dtype=np.int32),
+                               np.full(upper.size, -highspy.kHighsInf), upper)
+        # x[e, j] <= load[e]: the whole non-negativity of the last share for d = 2, implied for d >= 3.
+        highs.changeColsBounds(n, np.arange(n, dtype=np.int32), np.zeros(n), bounds[self._lp_col_expert])
+        run_status = highs.run()
+        model_status = highs.getModelStatus()
+        if run_status != highspy.HighsStatus.kOk or model_status != highspy.HighsModelStatus.kOptimal:
+            highs.clearSolver()
+            raise SolverFailure(f"HiGHS: run {run_status}, model {highs.modelStatusToString(model_status)}")
+        optimum = float(highs.getSolution().col_value[-1])
+        if not math.isfinite(optimum):
+            raise SolverFailure("HiGHS optimum is not finite")
+        return optimum

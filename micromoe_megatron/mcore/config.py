@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.placement import PLACEMENT_KINDS
+from ..core.schedule import DEFAULT_WORK_LIMIT
 
 # Placement kinds accepted by --micro-ep-placement: the core's static ones, plus adaptive (start
 # symmetric, then re-place every --micro-ep-replacement-interval iterations; mcore/replacement.py).
@@ -44,8 +45,9 @@ class MicroEPConfig:
                                           help="phy2log JSON for --micro-ep-placement custom")
     gpus_per_node: int | None = _setting(None, "--micro-ep-gpus-per-node", metavar="N", help=(
         "GPUs per node, for same-node-first routing (default: torchrun's LOCAL_WORLD_SIZE)"))
-    solver_time_limit_ms: float = _setting(50.0, "--micro-ep-solver-time-limit-ms", metavar="MS", help=(
-        "HiGHS time limit per solve; past it a fallback plan is used and counted"))
+    solver_work_limit: int = _setting(DEFAULT_WORK_LIMIT, "--micro-ep-solver-work-limit", metavar="N", help=(
+        "planner steps (augmenting paths) per plan; past it the fallback plan is used and counted. "
+        "A count, not a time: every rank decides the same"))
     check_plans: bool = _setting(False, "--micro-ep-check-plans", help=(
         "debug: check every plan is identical on all ranks of the MicroEP group"))
     check_replicas_interval: int = _setting(100, "--micro-ep-check-replicas-interval", metavar="N", help=(
@@ -92,8 +94,8 @@ class MicroEPConfig:
                               f"phy2log JSON file (got {self.placement_file!r})")
         if self.placement != "custom" and self.placement_file:
             raise LayoutError("--micro-ep-placement-file is only read with --micro-ep-placement custom")
-        if not self.solver_time_limit_ms > 0:
-            raise LayoutError(f"--micro-ep-solver-time-limit-ms must be > 0, got {self.solver_time_limit_ms}")
+        if not self.solver_work_limit > 0:
+            raise LayoutError(f"--micro-ep-solver-work-limit must be > 0, got {self.solver_work_limit}")
 
     @property
     def initial_placement(self) -> str:

@@ -73,7 +73,7 @@ class MicroMoELayer(MoELayer):
         self.token_dispatcher = MicroEPDispatcher(
             self.num_local_experts, self.local_expert_indices, config=physical,
             pg_collection=pg_collection, placement=self.placement, micro_ep=micro_ep,
-            vanilla_ep=vanilla_ep, layer_number=layer_number)
+            vanilla_ep=vanilla_ep, layer_number=_layer_label(layer_number, is_mtp_layer))
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
         self.replacement_stats = ReplacementStats()
@@ -94,7 +94,7 @@ class MicroMoELayer(MoELayer):
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron numbers MoE layers after building them; the dispatcher's errors and logs use it."""
         super().set_layer_number(layer_number)
-        self.token_dispatcher.layer_number = layer_number
+        self.token_dispatcher.layer_number = _layer_label(layer_number, self.is_mtp_layer)
 
     @property
     def micro_ep_stats(self):
@@ -109,6 +109,11 @@ class MicroMoELayer(MoELayer):
             num_logical=self.logical_config.num_moe_experts, replicas=self.micro_ep.replicas)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         return logical_expert_state_dict(state, f"{prefix}experts.", mapping, singleton)
+
+
+def _layer_label(layer_number, is_mtp_layer: bool):
+    """How errors and logs name a layer: Megatron numbers MTP layers 1, 2, ... like decoder layers."""
+    return f"MTP {layer_number}" if is_mtp_layer and layer_number is not None else layer_number
 
 
 def _build_router(router_builder, logical_config, *, config, pg_collection, **kwargs):
@@ -132,8 +137,12 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
 
     Works for the local and TransformerEngine specs: ``get_gpt_layer_local_spec``,
     ``get_gpt_layer_with_transformer_engine_spec``, ``get_gpt_decoder_block_spec`` and their
-    ``TransformerBlockSubmodules``. Dense layers are left alone.
+    ``TransformerBlockSubmodules``, and for multi-token-prediction block specs
+    (``get_gpt_mtp_block_spec``: ``MultiTokenPredictionBlockSubmodules``). Dense layers are left alone;
+    ``None`` (no MTP block on this stage) stays ``None``.
     """
+    if spec is None:
+        return None
     spec = copy.copy(spec)
     layer_specs = getattr(spec, "layer_specs", None)
     if layer_specs is None and isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "layer_specs"):
@@ -145,4 +154,8 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
     if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mlp"):
         spec.submodules = copy.copy(spec.submodules)
         spec.submodules.mlp = _swap_mlp(spec.submodules.mlp, micro_ep)
+    elif isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mtp_model_layer"):
+        # A multi-token-prediction layer: its inner transformer layer holds the MoE layer.
+        spec.submodules = copy.copy(spec.submodules)
+        spec.submodules.mtp_model_layer = use_micro_ep(spec.submodules.mtp_model_layer, micro_ep)
     return spec

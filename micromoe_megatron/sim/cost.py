@@ -2,7 +2,8 @@
 
 Every number is an assumption printed with the results (``CostModel.describe``). Defaults are for
 H100 SXM in BF16; ``calibrate_gemm`` replaces the GEMM throughput with one measured on this
-machine's device.
+machine's device, ``calibrate_from_gpu_bench`` with the grouped GEMM that ``scripts/gpu_bench.sh``
+measured (on a GPU box, read back anywhere).
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.forecast import MigrationCost
+
 H100_BF16_PEAK_TFLOPS = 989.0
+# Bytes per expert parameter a migration moves with mixed-precision Adam: the BF16 weight (2),
+# the FP32 main parameter (4) and the two FP32 Adam moments (8). Gradients are not moved: a
+# migration runs after the optimizer step, when they are zeroed.
+MIGRATION_BYTES_PER_PARAM = 14
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,11 @@ class ModelShape:
         return 3.0 * 2.0 * matrices * self.hidden * self.ffn_hidden
 
     @property
+    def expert_params(self) -> int:
+        """Parameters of one expert MLP (no biases)."""
+        return (3 if self.swiglu else 2) * self.hidden * self.ffn_hidden
+
+    @property
     def dense_flops_per_token(self) -> float:
         """Forward + backward FLOPs per token of one layer outside the experts: QKV, projection,
         attention scores and values (full multi-head size, an upper bound for GQA), router."""
@@ -72,6 +84,9 @@ class CostModel:
         a2a_latency_ms: fixed cost of one all-to-all.
         allgather_ms: MicroEP's counts all-gather per layer and micro-batch.
         bytes_per_element: activation element size (BF16: 2).
+        migration_gbps: per-GPU bandwidth for moving expert slots in a re-placement, GB/s (a
+            conservative share of NVLink; the moves are point-to-point inside the MicroEP group).
+        migration_latency_ms: fixed cost of one re-placement (the exchange round, scheduler rebuild).
         schedule_ms: LP planning time per layer and micro-batch; None = measure it here.
         source: where the numbers come from.
     """
@@ -85,6 +100,8 @@ class CostModel:
     allgather_ms: float = 0.03
     bytes_per_element: int = 2
     schedule_ms: float | None = None
+    migration_gbps: float = 100.0
+    migration_latency_ms: float = 0.5
     source: str = "defaults for H100 SXM BF16"
 
     def describe(self) -> list[str]:
@@ -98,6 +115,9 @@ class CostModel:
             "  MicroEP/LP overhead: " + ("the HiGHS schedule time measured on this host" if self.schedule_ms is None
                                          else f"{self.schedule_ms} ms schedule time")
             + f" + {self.allgather_ms} ms counts all-gather, on the critical path (no overlap assumed)",
+            f"  adaptive re-placement: each moved slot carries {MIGRATION_BYTES_PER_PARAM} bytes per expert "
+            f"parameter (BF16 weight, FP32 main param, Adam moments) at {self.migration_gbps:.0f} GB/s per GPU "
+            f"+ {self.migration_latency_ms} ms, charged to the micro-batches until the next check",
             "  force-balanced ideal: every GPU at the mean load, and the least all-to-all time of any strategy "
             "spread evenly over the GPUs",
             "  step = (micro-batches + PP - 1) x layers per stage x (dense + MoE layer time) (1F1B); MoE layer "
@@ -106,6 +126,15 @@ class CostModel:
 
     def expert_ms(self, assignments: np.ndarray, shape: ModelShape) -> np.ndarray:
         return assignments * shape.expert_flops_per_assignment / (self.expert_tflops * 1e12) * 1e3
+
+    def ms_per_assignment(self, shape: ModelShape) -> float:
+        """Expert compute (forward + backward) of one token-expert assignment, ms."""
+        return shape.expert_flops_per_assignment / (self.expert_tflops * 1e12) * 1e3
+
+    def migration(self, shape: ModelShape) -> MigrationCost:
+        """The time model of moving one layer's expert slots (see ``MIGRATION_BYTES_PER_PARAM``)."""
+        return MigrationCost(bytes_per_slot=float(shape.expert_params * MIGRATION_BYTES_PER_PARAM),
+                             bandwidth_gbps=self.migration_gbps, latency_ms=self.migration_latency_ms)
 
     def dense_ms(self, shape: ModelShape) -> float:
         return shape.tokens_per_gpu * shape.dense_flops_per_token / (self.dense_tflops * 1e12) * 1e3
@@ -159,3 +188,33 @@ def calibrate_gemm(shape: ModelShape, base: CostModel | None = None, device: str
     return replace(base, expert_tflops=tflops, dense_tflops=base.dense_tflops * scale,
                    source=f"GEMM measured on {name} ({dtype}, {tokens}x{shape.hidden}x{shape.ffn_hidden}): "
                           f"{tflops:.2f} TFLOPS")
+
+
+def calibrate_from_gpu_bench(bench: str | dict, shape: ModelShape, base: CostModel | None = None) -> CostModel:
+    """Use the grouped expert GEMM throughput measured by ``scripts/gpu_bench.sh`` for the experts.
+
+    ``bench`` is its JSON (path or loaded dict): ``gemm.rows`` hold ``tokens`` (on one GPU) and
+    ``tflops``. The throughput at this shape's balanced tokens per GPU (``tokens_per_gpu * top_k``)
+    is interpolated on log(tokens), clamped to the measured range; the dense-part throughput is
+    scaled by the same factor relative to the defaults, as in ``calibrate_gemm``.
+
+    Raises:
+        ValueError: the file has no GEMM rows (names the file and how to make one).
+    """
+    import json
+
+    label = bench if isinstance(bench, str) else "the gpu_bench results"
+    if isinstance(bench, str):
+        with open(bench) as f:
+            bench = json.load(f)
+    rows = sorted((bench.get("gemm") or {}).get("rows") or [], key=lambda row: row["tokens"])
+    if not rows:
+        raise ValueError(f"{label}: no gemm.rows; write one with scripts/gpu_bench.sh --json PATH")
+    base = base or CostModel()
+    tokens = shape.tokens_per_gpu * shape.top_k
+    tflops = float(np.interp(np.log(tokens), np.log([r["tokens"] for r in rows]), [r["tflops"] for r in rows]))
+    gemm = bench["gemm"]
+    return replace(base, expert_tflops=tflops, dense_tflops=base.dense_tflops * tflops / base.expert_tflops,
+                   source=f"grouped GEMM measured by gpu_bench on {bench.get('device', '?')} "
+                          f"({gemm.get('backend', '?')}, H {gemm.get('hidden')}, FFN {gemm.get('ffn_hidden')}): "
+                          f"{tflops:.2f} TFLOPS at {tokens} tokens per GPU")

@@ -22,7 +22,7 @@ def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -42,11 +42,12 @@ def plot_load_per_gpu(vanilla: np.ndarray, micro_ep: np.ndarray, path: str | Pat
     ax.bar(gpus + 0.2, micro_ep, 0.4, label=f"MicroEP (max/mean {max_over_mean(micro_ep):.3f})", color="#4c72b0")
     ax.axhline(vanilla.mean(), color="gray", linestyle="--", linewidth=1, label="mean")
     ax.set_xlabel("GPU")
-    ax.set_ylabel("tokens")
+    ax.set_ylabel("tokens (token-expert assignments)")
     ax.set_xticks(gpus)
     ax.set_title(title)
-    ax.set_ylim(0, 1.3 * max(vanilla.max(), micro_ep.max(), 1.0))  # room for the legend
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.set_ylim(0, 1.05 * max(vanilla.max(), micro_ep.max(), 1.0))
+    # below the axes: never over the data
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     return _save(plt, fig, path)
 
 
@@ -71,7 +72,9 @@ def plot_imbalance_distribution(per_layer: dict[int, tuple[np.ndarray, np.ndarra
     ax.set_xticks(positions)
     ax.set_xticklabels([str(n) for n in layers])
     ax.set_xlabel("layer")
-    ax.set_ylabel("GPU max / mean tokens")
-    ax.legend([vanilla["boxes"][0], micro["boxes"][0]], ["vanilla EP", "MicroEP"], fontsize=8)
+    ax.set_ylabel("GPU max / mean tokens (1 = balanced)")
+    ax.legend([vanilla["boxes"][0], micro["boxes"][0]], ["vanilla EP", "MicroEP"], title_fontsize=8,
+              title="boxes: quartiles, line: median, whiskers: 1.5 IQR", fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     ax.set_title(title)
     return _save(plt, fig, path)

@@ -68,10 +68,13 @@ class MetricsReporter:
         num_layers: total transformer layers of the model (rows of the table).
         log_interval: report every this many iterations.
         jsonl_path: if set, the last rank appends one JSON record per report here.
+        mtp_layers: multi-token-prediction layers; MTP layer k is row ``num_layers + k`` (Megatron
+            numbers it k, like decoder layer k) and is listed in the record's ``mtp_layers``.
     """
 
-    def __init__(self, num_layers: int, log_interval: int, jsonl_path: str | None = None):
-        self.num_layers = num_layers
+    def __init__(self, num_layers: int, log_interval: int, jsonl_path: str | None = None, mtp_layers: int = 0):
+        self.decoder_layers = num_layers
+        self.num_layers = num_layers + mtp_layers
         self.log_interval = log_interval
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
 
@@ -80,17 +83,21 @@ class MetricsReporter:
         table = torch.zeros(self.num_layers, len(COLUMNS) + 1, dtype=torch.float64, device=device)
         loads = {}
         for layer in layers:
-            row = layer.layer_number - 1
+            row = self.row(layer)
             row_values = layer_means(layer.micro_ep_stats, getattr(layer, "replacement_stats", None))
             table[row, :-1] += torch.tensor(row_values, dtype=torch.float64, device=device)
             table[row, -1] += 1
             stats = layer.micro_ep_stats
-            loads[layer.layer_number] = {"vanilla_ep": stats.load_before.tolist(),
-                                         "micro_ep": stats.load_after.tolist()}
+            loads[row + 1] = {"vanilla_ep": stats.load_before.tolist(), "micro_ep": stats.load_after.tolist()}
         dist.all_reduce(table)
         table = table.cpu().numpy()
         counts = table[:, -1:]
         return np.where(counts > 0, table[:, :-1] / np.maximum(counts, 1), np.nan), loads
+
+    def row(self, layer) -> int:
+        """Table row of a MicroMoELayer: decoder layer n is row n - 1, MTP layer k row num_layers + k - 1."""
+        offset = self.decoder_layers if getattr(layer, "is_mtp_layer", False) else 0
+        return offset + layer.layer_number - 1
 
     def __call__(self, model_chunks, iteration: int, writer=None, wandb_writer=None, is_last_rank=False,
                  print_fn=print):
@@ -110,7 +117,8 @@ class MetricsReporter:
         summary = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
         for total in ("fallbacks", "replacements", "replacement_ms", "replacement_mb"):
             summary[total] = float(sum(r[total] for r in rows.values()))
-        record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads}
+        record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads,
+                  "mtp_layers": [n for n in rows if n > self.decoder_layers]}
         if is_last_rank:
             self._write(record, writer, wandb_writer)
             print_fn(format_summary(record), flush=True)

@@ -58,20 +58,39 @@ def parse_arguments(argv=None):
 
     from ..mcore.config import LayoutError
     from .flags import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
+    from .resume_check import check_resume
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = parse_args(extra_args_provider=add_micro_ep_args)
     cpu_changes = adapt_to_cpu(args)
+    notes = []
     try:
         micro_ep = micro_ep_config_from_args(args)
         if micro_ep is not None:
-            apply_micro_ep_layout(args, micro_ep)
+            notes = apply_micro_ep_layout(args, micro_ep)
+        check_data_args(args)
+        validate_args(args, {"tokenizer_type": "NullTokenizer"})
+        check_resume(args)
     except LayoutError as error:
         raise SystemExit(f"pretrain_gpt.py: error: {error}") from None
-    validate_args(args, {"tokenizer_type": "NullTokenizer"})
     set_global_variables(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"pretrain_gpt.py: {note}", flush=True)
     return args, micro_ep, cpu_changes
+
+
+def check_data_args(args) -> None:
+    """One-line errors where Megatron would fail deep inside (a traceback per rank)."""
+    sources = [args.mock_data, args.data_path, args.data_args_path, args.train_data_path,
+               args.valid_data_path, args.test_data_path, args.per_split_data_args_path]
+    if not any(sources):
+        raise SystemExit("pretrain_gpt.py: error: no training data: pass --data-path PREFIX (made by "
+                         "`micromoe prepare-data`) or --mock-data")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        raise SystemExit("pretrain_gpt.py: error: --tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR "
+                         "(the tokenizer directory `micromoe prepare-data` prints)")
 
 
 def print_help() -> None:
@@ -228,7 +247,10 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     def micro_ep_layer_spec(config, vp_stage=None):
         return use_micro_ep(default_layer_spec(config, vp_stage), micro_ep)
 
-    reporter = MetricsReporter(args.num_layers, args.log_interval, micro_ep.metrics_file)
+    if args.mtp_num_layers:
+        _convert_mtp_layers(micro_ep)
+    reporter = MetricsReporter(args.num_layers, args.log_interval, micro_ep.metrics_file,
+                               mtp_layers=args.mtp_num_layers or 0)
 
     def report_metrics(model_chunks):
         iteration = getattr(args, "curr_iteration", 0) + 1
@@ -239,6 +261,31 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     model_cfg.transformer_layer_spec = micro_ep_layer_spec
     model_cfg.pre_wrap_hooks.append(sync.attach)
     model_cfg.transformer.finalize_model_grads_func = sync
+
+
+def _convert_mtp_layers(micro_ep) -> None:
+    """Make the MoE layers of the multi-token-prediction block MicroMoELayers too.
+
+    Megatron's ``GPTModelConfig.build_model`` derives the MTP block spec itself, from its default
+    decoder layer spec (``megatron.training.models.gpt.mtp_block_spec``), not from
+    ``transformer_layer_spec``; there is no extension point for it, so the launcher wraps that one
+    function (looked up at call time by ``build_model``). Without this the MTP MoE layer would run
+    as a stock MoELayer over the d x EP group: a different model.
+    """
+    from megatron.training.models import gpt
+
+    from ..mcore.layer import use_micro_ep
+
+    original = gpt.mtp_block_spec
+    if getattr(original, "micro_ep", None) is not None:
+        original = original.__wrapped__
+
+    @functools.wraps(original)
+    def mtp_block_spec(*args, **kwargs):
+        return use_micro_ep(original(*args, **kwargs), micro_ep)
+
+    mtp_block_spec.micro_ep = micro_ep
+    gpt.mtp_block_spec = mtp_block_spec
 
 
 def main(argv=None) -> None:

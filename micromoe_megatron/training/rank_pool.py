@@ -1,6 +1,7 @@
-"""A persistent pool of gloo ranks for multi-rank tests (imports cost ~8 s per process: pay once).
+"""A persistent pool of gloo ranks on CPU, for multi-rank tests and benchmarks (imports cost ~8 s
+per process: pay once).
 
-``pool.run("tests.dist_cases:function", **kwargs)`` calls ``function(rank, world_size, **kwargs)`` on
+``pool.run("package.module:function", **kwargs)`` calls ``function(rank, world_size, **kwargs)`` on
 every rank and returns the per-rank results; an exception on any rank fails the call with that
 rank's traceback. After each call the ranks tear down Megatron's model-parallel state.
 """
@@ -18,7 +19,8 @@ import warnings
 
 import torch.multiprocessing as mp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory holding the package (a checkout's root): workers import targets from there.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:
@@ -70,7 +72,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 def _release_groups() -> None:
     """Free every process group but the world. destroy_model_parallel() only forgets Megatron's
     groups; their gloo contexts and TCP threads would otherwise pile up test after test. (After a
-    Megatron DDP model some still survive; conftest.py restarts the pool per module for that.)"""
+    Megatron DDP model some still survive; tests/conftest.py restarts the pool per test module for that.)"""
     import gc
 
     import torch.distributed as dist
@@ -83,6 +85,8 @@ def _release_groups() -> None:
 
 
 class RankPool:
+    """``world_size`` spawned gloo ranks that run ``module:function`` targets until ``close()``."""
+
     def __init__(self, world_size: int = 4, timeout_s: float = 600.0):
         self.world_size, self.timeout_s = world_size, timeout_s
         # Not daemonic: Megatron's checkpoint writer starts helper processes. Workers exit on
