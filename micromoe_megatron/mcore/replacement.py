@@ -123,3 +123,44 @@ class ReplacementController:
         if done and self.replica_sync is not None:
             self.replica_sync.placement_changed()
         return done
+
+
+class AdaptivePolicy:
+    """``--micro-ep-placement adaptive``: the planning core's forecaster and asymmetric placement.
+
+    Per call, a ``core.forecast.ReplacementPolicy`` is built from the layer's current placement and
+    fed the history window (EMA forecast of per-expert loads), so the answer is a pure function of
+    (history, current): no state carried between calls, nothing a restarted rank could lack. The best
+    placement it finds (the current one improved in place, or a fresh asymmetric one aligned to the
+    current slots; paper Sec. 6.3-6.4) is taken when the current placement's predicted GPU max/mean
+    exceeds ``threshold`` and the new one predicts better (``threshold`` 0: whenever it differs).
+
+    The time gate of the issue (predicted gain vs. measured migration time) is not applied: it
+    needs the expert compute time per token, which the launcher does not measure yet.
+    """
+
+    def __init__(self, threshold: float):
+        if threshold < 0:
+            raise ValueError(f"--micro-ep-replacement-threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+        self.predicted: dict[int, float] = {}
+
+    def __call__(self, layer_number: int, history: np.ndarray, current: Placement) -> Placement | None:
+        from ..core.forecast import ReplacementPolicy
+
+        policy = ReplacementPolicy(current, interval=1, threshold=0.0, window=max(len(history), 1))
+        for counts in history:
+            policy.observe(counts)
+        decision = policy.check()
+        if decision is None or not decision.replace:
+            self.predicted[layer_number] = float(decision.predicted_current) if decision else float("nan")
+            return None
+        if self.threshold and not (decision.predicted_current > self.threshold
+                                   and decision.predicted_new < decision.predicted_current):
+            self.predicted[layer_number] = float(decision.predicted_current)
+            return None
+        self.predicted[layer_number] = float(decision.predicted_new)
+        return decision.placement
+
+    def predicted_max_mean(self, layer_number: int) -> float:
+        return self.predicted.get(layer_number, float("nan"))

@@ -92,6 +92,13 @@ def _refuse_inexact_options(args) -> list[str]:
     if getattr(args, "non_persistent_ckpt_type", None) == "local":
         _fail("--non-persistent-ckpt-type local is not supported with --micro-ep: local checkpoints store "
               "physical expert slots; use --non-persistent-ckpt-type global")
+    if getattr(args, "micro_ep_replacement_interval", 0):
+        for flag, name in (("--bf16", "bf16"), ("--fp16", "fp16"),
+                           ("--use-precision-aware-optimizer", "use_precision_aware_optimizer"),
+                           ("--optimizer-cpu-offload", "optimizer_cpu_offload")):
+            if getattr(args, name, False):
+                _fail(f"{flag} is not supported with --micro-ep-replacement-interval yet: live migration moves "
+                      "fp32 parameters and Megatron's fp32 optimizer state only; drop one of them")
     warnings = []
     if getattr(args, "moe_router_num_groups", None) and getattr(args, "moe_router_group_topk", None):
         warnings.append(
@@ -138,9 +145,6 @@ def apply_micro_ep_layout(args, micro_ep: MicroEPConfig, world_size: int | None 
         _fail(f"--micro-ep {d} x --expert-model-parallel-size {ep} = {d * ep} must divide the {per_stage} "
               f"ranks of a pipeline stage (world {world_size} / pipeline {args.pipeline_model_parallel_size}); "
               "lower --micro-ep or add data-parallel ranks")
-    if micro_ep.placement == "adaptive":
-        _fail("--micro-ep-placement adaptive is not available in pretrain_gpt.py yet (no load-aware policy is "
-              "wired in); use symmetric, or ReplacementController.step in your own training loop")
     micro_ep.validate_layout(args.num_experts, d * ep)
     try:
         placement = make_placement(micro_ep.initial_placement, d * ep, args.num_experts, d, seed=micro_ep.placement_seed,

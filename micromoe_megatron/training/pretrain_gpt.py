@@ -261,6 +261,38 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     model_cfg.transformer_layer_spec = micro_ep_layer_spec
     model_cfg.pre_wrap_hooks.append(sync.attach)
     model_cfg.transformer.finalize_model_grads_func = sync
+    if micro_ep.replacement_interval:
+        _install_replacement(micro_ep, sync)
+
+
+def _install_replacement(micro_ep, sync) -> None:
+    """Run the re-placement controller after every optimizer step (``--micro-ep-placement adaptive``).
+
+    Megatron's ``train()`` calls ``megatron.training.training.post_training_step_callbacks(model,
+    optimizer, ..., iteration, ...)`` after each step and before the next forward, looked up as a
+    module global at call time; it has no hook list, so the launcher wraps that one function (see
+    ``patches/README.md``). The controller migrates experts and their optimizer state there.
+    """
+    from megatron.training import training
+    from megatron.training.utils import print_rank_0
+
+    from ..mcore.replacement import AdaptivePolicy, ReplacementController
+
+    controller = ReplacementController(AdaptivePolicy(micro_ep.replacement_threshold),
+                                       micro_ep.replacement_interval, replica_sync=sync)
+    callbacks = training.post_training_step_callbacks
+
+    @functools.wraps(callbacks)
+    def with_replacement(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs):
+        result = callbacks(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs)
+        if micro_ep.replacement_interval and iteration % micro_ep.replacement_interval == 0:
+            moved = controller.step(model, optimizer, iteration)
+            print_rank_0(f" MicroEP re-placement check [iteration {iteration}]: {len(moved)} layer(s) re-placed, "
+                         f"{sum(r.moves for r in moved)} slots moved, {sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
+                         f"{max((r.ms for r in moved), default=0.0):.1f} ms")
+        return result
+
+    training.post_training_step_callbacks = with_replacement
 
 
 def _convert_mtp_layers(micro_ep) -> None:
