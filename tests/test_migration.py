@@ -121,3 +121,10 @@ def test_replacement_flags():
         MicroEPConfig(replicas=2, replacement_interval=5)
     with pytest.raises(LayoutError, match="--micro-ep-replacement-threshold must be >= 0"):
         MicroEPConfig(replicas=2, placement="adaptive", replacement_interval=5, replacement_threshold=-1)
+
+
+def test_ranks_that_disagree_keep_the_placement(rank_pool):
+    """Rule 4: a policy answering differently on one rank is not a crash and not a split group:
+    every rank keeps the current placement, and the disagreement is counted."""
+    for result in rank_pool.run("tests.train_cases:disagreeing_policy_keeps_placement"):
+        assert result == {"moved": 0, "disagreements": 2, "unchanged": True}

@@ -3,6 +3,7 @@ once with stock EP and once with MicroEP, on identical weights and data (see tes
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -368,3 +369,23 @@ def migration_round_trip(rank, world_size, *, micro_ep: int = 2, distributed_opt
             "shared": sorted(n for n, p in model.named_parameters() if getattr(p, "shared", False)),
             "moves": [r.moves for r in results], "bytes": [r.bytes_moved for r in results],
             "ms": [r.ms for r in results]}
+
+
+def disagreeing_policy_keeps_placement(rank, world_size):
+    """A policy that answers differently on rank 0 (not a pure function): the controller must keep
+    every layer's placement on every rank, count the disagreement, and migrate nothing."""
+    model, _, optimizer, _, sync = _build(rank, 2)
+    layers = [m for m in model.modules() if isinstance(m, MicroMoELayer)]
+    before = [layer.placement.phy2log.copy() for layer in layers]
+    for layer in layers:  # one micro-batch of identical counts everywhere
+        layer.token_dispatcher.counts_history.append(np.ones((4, NUM_EXPERTS), dtype=np.int64))
+
+    def policy(layer_number, history, current):
+        return placement_lib.random(4, NUM_EXPERTS, 2, seed=99) if dist.get_rank() == 0 else None
+
+    controller = ReplacementController(policy, interval=1, replica_sync=sync)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        moved = controller.step([model], optimizer, iteration=1)
+    unchanged = all(np.array_equal(layer.placement.phy2log, old) for layer, old in zip(layers, before))
+    return {"moved": len(moved), "disagreements": controller.disagreements, "unchanged": unchanged}

@@ -8,7 +8,8 @@ The policy is a plain callable (``Policy``)::
 per source GPU and logical expert), summed over the expert-data-parallel replicas of the MicroEP
 group, so every rank of a pipeline stage passes the policy identical data; None keeps the current
 placement. The policy must be a pure function of its arguments (and of how often it was called):
-no wall-clock, no per-rank state. The controller checks that every rank got the same answer.
+no wall-clock, no per-rank state. The controller checks that every rank got the same answer and,
+if not, keeps the current placement on every rank (counted in ``disagreements``).
 
 A policy may also offer ``predicted_max_mean(layer_number) -> float`` (its forecast GPU max/mean for
 the placement it chose or kept); it is logged next to the achieved max/mean.
@@ -24,6 +25,7 @@ Use from your own training loop::
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,10 +36,6 @@ from ..core.placement import Placement
 from .migration import MigrationResult, migrate_layer
 
 Policy = Callable[[int, np.ndarray, Placement], Optional[Placement]]
-
-
-class PolicyMismatchError(RuntimeError):
-    """Ranks that must share a placement got different answers from the policy."""
 
 
 def _micro_layers(model_chunks) -> list:
@@ -68,6 +66,7 @@ class ReplacementController:
         self.interval = interval
         self.replica_sync = replica_sync
         self.results: list[tuple[int, MigrationResult]] = []  # (layer number, result), all so far
+        self.disagreements = 0  # checks where ranks disagreed and the placement was kept
 
     def history(self, layer) -> np.ndarray:
         """int64 ``[K, F, E]`` counts of the layer's last micro-batches, summed over its EDP group."""
@@ -80,18 +79,20 @@ class ReplacementController:
         dist.all_reduce(total, group=group)
         return total.cpu().numpy()
 
-    def _check_agreement(self, layer, new: Placement | None) -> None:
+    def _agreed(self, layer, new: Placement | None) -> bool:
+        """True when every rank of the pipeline stage got the same answer from the policy.
+
+        The min and max of the answers' digests are reduced over the MicroEP group, then over the
+        expert-data-parallel group (together they span the stage), so every rank sees the same
+        global result and takes the same decision.
+        """
         device = next(layer.experts.parameters()).device
         mine = _digest(new)
+        bounds = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
         for group in (layer.token_dispatcher.ep_group, layer.expert_dp_group):
-            if group is None:
-                continue
-            bounds = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
-            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
-            if int(bounds[0]) != mine or int(-bounds[1]) != mine:
-                raise PolicyMismatchError(
-                    f"layer {layer.layer_number}: the re-placement policy returned different placements on "
-                    "ranks that must share one; it must be a pure function of (layer number, history, current)")
+            if group is not None:
+                dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+        return int(bounds[0]) == -int(bounds[1])
 
     def step(self, model_chunks, optimizer, iteration: int) -> list[MigrationResult]:
         """After ``optimizer.step()`` of iteration ``iteration`` (1-based): re-place if it is due.
@@ -107,7 +108,15 @@ class ReplacementController:
             new = self.policy(layer.layer_number, self.history(layer), layer.placement)
             if new is not None and np.array_equal(new.phy2log, layer.placement.phy2log):
                 new = None
-            self._check_agreement(layer, new)
+            if not self._agreed(layer, new):
+                # A policy that is not a pure function of its inputs: keep the placement everywhere
+                # (every rank sees the same reduced result), count it, and say so once.
+                self.disagreements += 1
+                if self.disagreements == 1:
+                    warnings.warn(f"MicroEP re-placement: ranks disagreed on layer {layer.layer_number}'s new "
+                                  "placement; keeping the current one (the policy must be a pure function of "
+                                  "(layer number, history, current))", RuntimeWarning, stacklevel=2)
+                new = None
             predicted = getattr(self.policy, "predicted_max_mean", None)
             if predicted is not None:
                 layer.replacement_stats.predicted_max_mean = float(predicted(layer.layer_number))
