@@ -164,7 +164,8 @@ def cmd_analyze(args) -> None:
     try:
         counts = read_routing(args.trace, args.experts)
         result = analysis.analyze(counts, args.ep, args.micro_ep, args.placement, args.seed, args.gpus_per_node,
-                                  progress=_progress(args))
+                                  progress=_progress(args), replacement_interval=args.replacement_interval,
+                                  replacement_threshold=args.replacement_threshold)
         plots = analysis.write_plots(result, args.plot_dir, args.plot_layer, args.plot_step) if args.plot_dir else []
     except TraceError as exc:
         raise InputError(str(exc)) from exc
@@ -184,6 +185,10 @@ def cmd_simulate(args) -> None:
 
     shape = _model(args.model)
     shape = dataclasses.replace(shape, ep=args.ep or shape.ep, micro_ep=args.micro_ep or shape.micro_ep)
+    if args.replacement_interval is not None and args.replacement_interval < 1:
+        raise InputError(f"--replacement-interval must be >= 1 micro-batch, got {args.replacement_interval}")
+    if args.replacement_threshold < 0:
+        raise InputError(f"--replacement-threshold must be >= 0, got {args.replacement_threshold}")
     try:
         if args.input:
             counts = read_routing(args.input, args.experts)
@@ -194,7 +199,8 @@ def cmd_simulate(args) -> None:
                                       variability=args.variability, seed=args.seed)
         cost = _cost(args, shape)
         results = simulate(counts, shape, cost, history_fraction=args.history_fraction, seed=args.seed,
-                           progress=_progress(args))
+                           progress=_progress(args), replacement_interval=args.replacement_interval,
+                           replacement_threshold=args.replacement_threshold)
     except (TraceError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     if args.json:
@@ -220,7 +226,20 @@ def cmd_bench(args) -> None:
         result = bench.bench_schedule(steps=args.steps, progress=progress)
         text = bench.format_schedule
     else:
-        result = bench.bench_balance(steps=args.steps, progress=progress)
+        for flag, value in (("--gpus", args.gpus), ("--experts", args.experts), ("--replicas", args.replicas),
+                            ("--replacement-interval", args.replacement_interval)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1, got {value}")
+        if not 0.0 < args.drift <= 1.0:
+            raise InputError(f"--drift must lie in (0, 1], got {args.drift}")
+        try:
+            placement.symmetric(args.gpus, args.experts, args.replicas)
+        except placement.PlacementError as exc:
+            raise InputError(f"--gpus/--experts/--replicas: {exc}") from exc
+        skews = bench.BALANCE_SKEWS if args.skews is None else args.skews
+        result = bench.bench_balance(steps=args.steps, skews=skews, num_gpus=args.gpus, num_experts=args.experts,
+                                     replicas=args.replicas, drift=args.drift,
+                                     replacement_interval=args.replacement_interval, progress=progress)
         text = bench.format_balance
     print(json.dumps(result) if args.json else text(result))
 
@@ -282,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variability", type=float, default=0.3,
                    help="paper: share of each micro-batch's expert popularity redrawn (0..1)")
     p.add_argument("--calibrate", action="store_true", help="paper: measure GEMM throughput on this machine")
+    p.add_argument("--gpus", type=int, default=8, help="balance: F, GPUs in the MicroEP group")
+    p.add_argument("--experts", type=int, default=32, help="balance: E, experts")
+    p.add_argument("--replicas", type=int, default=2, help="balance: d, replicas per expert")
+    p.add_argument("--skews", type=float, nargs="+", help="balance: Zipf skews (default 0 0.5 0.9 1.2 1.5 2)")
+    p.add_argument("--drift", type=float, default=0.005,
+                   help="balance: popularity drift per step, in (0, 1] (1 = independent draws)")
+    p.add_argument("--replacement-interval", type=int, default=1,
+                   help="balance: micro-batches between adaptive re-placement checks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
 
@@ -291,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, help="E, experts per layer (required for trace directories)")
     p.add_argument("--ep", type=int, required=True, help="vanilla expert-parallel size")
     p.add_argument("--micro-ep", type=int, required=True, help="d, EP groups merged into a MicroEP group")
-    p.add_argument("--placement", default="symmetric", help="symmetric | random")
+    p.add_argument("--placement", default="symmetric",
+                   help="symmetric | random | adaptive (start symmetric, re-place from the micro-batches seen)")
+    p.add_argument("--replacement-interval", type=int, default=1,
+                   help="adaptive: micro-batches between re-placement checks")
+    p.add_argument("--replacement-threshold", type=float, default=0.0,
+                   help="adaptive: re-place only when predicted max/mean improves by more (0 = at every check)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random placement")
     p.add_argument("--gpus-per-node", type=int, help="for same-node-first routing")
     p.add_argument("--plot-dir", help="write PNG plots here")
@@ -311,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=24)
     p.add_argument("--variability", type=float, default=0.3, help="share of each micro-batch's popularity redrawn")
     p.add_argument("--history-fraction", type=float, default=0.25, help="EPLB-style history share")
+    p.add_argument("--replacement-interval", type=int,
+                   help="adaptive: micro-batches between re-placement checks (default: one iteration)")
+    p.add_argument("--replacement-threshold", type=float, default=0.0,
+                   help="adaptive: minimum predicted max/mean gain to re-place (0 = at every check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate", action="store_true", help="measure GEMM throughput on this machine")
     p.add_argument("--json", action="store_true")

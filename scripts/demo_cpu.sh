@@ -52,3 +52,6 @@ print(c["megatron"]["num-experts"], c["megatron"]["expert-model-parallel-size"],
 echo "demo: routing analysis of this run (vanilla EP $ep vs MicroEP d = $d, $experts experts per layer):"
 "$py" -m micromoe_megatron.cli analyze "$out/routing_trace" --experts "$experts" --ep "$ep" --micro-ep "$d" \
   --plot-dir "$out"
+echo "demo: the same routing with adaptive re-placement (replayed causally: re-placed every 4 micro-batches from the loads seen so far):"
+"$py" -m micromoe_megatron.cli analyze "$out/routing_trace" --experts "$experts" --ep "$ep" --micro-ep "$d" \
+  --placement adaptive --replacement-interval 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from micromoe_megatron.mcore.config import LayoutError, MicroEPConfig
@@ -14,7 +15,10 @@ from micromoe_megatron.training.flags import add_micro_ep_args, apply_micro_ep_l
 MEGATRON_DEFAULTS = dict(num_experts=8, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall",
                          expert_tensor_parallel_size=1, pipeline_model_parallel_size=1, log_params_norm=False,
                          use_torch_fsdp2=False, use_megatron_fsdp=False, overlap_moe_expert_parallel_comm=False,
-                         moe_single_grouped_weight=False)
+                         moe_single_grouped_weight=False, save=None, load=None, ckpt_format="torch_dist",
+                         use_distributed_optimizer=False, dist_ckpt_optim_fully_reshardable=False,
+                         moe_expert_capacity_factor=None, moe_pad_expert_input_to_capacity=False,
+                         non_persistent_ckpt_type=None, moe_router_num_groups=None, moe_router_group_topk=None)
 
 
 def parse(argv: list[str], **megatron) -> argparse.Namespace:
@@ -52,8 +56,32 @@ def test_gpus_per_node_defaults_to_torchrun_local_world_size(monkeypatch):
 
 def test_layout_widens_megatron_expert_parallel_group():
     args = parse(["--micro-ep", "2"])
-    apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=8)
+    assert apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=8) == []
     assert args.expert_model_parallel_size == 4 and args.micro_ep_vanilla_ep == 2
+
+
+def test_layout_is_recorded_for_the_checkpoint():
+    args = parse(["--micro-ep", "2", "--micro-ep-placement", "random", "--micro-ep-placement-seed", "3"])
+    apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=8)
+    record = args.micro_ep_layout
+    assert {k: record[k] for k in ("version", "d", "ep", "num_experts", "placement", "placement_seed")} == dict(
+        version=1, d=2, ep=2, num_experts=8, placement="random", placement_seed=3)
+    phy2log = np.array(record["phy2log"])
+    assert phy2log.shape == (4, 4) and np.array_equal(np.bincount(phy2log.ravel()), [2] * 8)
+    json.dumps(record)  # plain data: pickles into Megatron's saved args and reads back anywhere
+
+
+def test_distributed_optimizer_saves_fully_reshardable():
+    args = parse(["--micro-ep", "2"], use_distributed_optimizer=True, save="/ckpt")
+    notes = apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=8)
+    assert args.dist_ckpt_optim_fully_reshardable
+    assert len(notes) == 1 and "--dist-ckpt-optim-fully-reshardable" in notes[0]
+
+
+def test_group_limited_routing_warns():
+    args = parse(["--micro-ep", "2"], moe_router_num_groups=2, moe_router_group_topk=1)
+    notes = apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=8)
+    assert len(notes) == 1 and notes[0].startswith("--moe-router-num-groups 2 with --micro-ep")
 
 
 @pytest.mark.parametrize("argv, megatron, world, message", [
@@ -74,6 +102,15 @@ def test_layout_widens_megatron_expert_parallel_group():
     (["--micro-ep", "2"], dict(moe_single_grouped_weight=True), 8, "--moe-single-grouped-weight"),
     (["--micro-ep", "4"], {}, 4, "--micro-ep 4 x --expert-model-parallel-size 2 = 8 must divide the 4 ranks"),
     (["--micro-ep", "2"], dict(pipeline_model_parallel_size=2), 4, "= 4 must divide the 2 ranks"),
+    (["--micro-ep", "2", "--micro-ep-replacement-interval", "5"], {}, 8, "needs --micro-ep-placement adaptive"),
+    (["--micro-ep", "2", "--micro-ep-placement", "adaptive", "--micro-ep-replacement-interval", "5"],
+     dict(bf16=True), 8, "--bf16 is not supported with --micro-ep-replacement-interval"),
+    (["--micro-ep", "2", "--micro-ep-gpus-per-node", "3"], {}, 8, "--micro-ep-gpus-per-node 3 must divide"),
+    (["--micro-ep", "2"], dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), 8,
+     "--moe-pad-expert-input-to-capacity is not supported with --micro-ep"),
+    (["--micro-ep", "2"], dict(save="/ckpt", ckpt_format="torch"), 8, "--ckpt-format torch is not supported"),
+    (["--micro-ep", "2"], dict(load="/ckpt", ckpt_format="torch_dcp"), 8, "--ckpt-format torch_dcp is not"),
+    (["--micro-ep", "2"], dict(non_persistent_ckpt_type="local"), 8, "--non-persistent-ckpt-type local"),
 ])
 def test_invalid_combinations_name_the_flag(argv, megatron, world, message):
     with pytest.raises(LayoutError) as error:
@@ -81,6 +118,20 @@ def test_invalid_combinations_name_the_flag(argv, megatron, world, message):
         micro_ep = micro_ep_config_from_args(args)
         apply_micro_ep_layout(args, micro_ep, world_size=world)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("content", ["{bad", '{"x": 1}', '{"phy2log": [[0, 1], [1]]}', '{"phy2log": "ab"}',
+                                     '{"phy2log": [[0.5, 1], [1, 0]]}'])
+def test_malformed_placement_file_is_one_line(tmp_path, content):
+    path = tmp_path / "placement.json"
+    path.write_text(content)
+    args = parse(["--micro-ep", "2", "--micro-ep-placement", "custom", "--micro-ep-placement-file", str(path)],
+                 num_experts=2, expert_model_parallel_size=1)
+    with pytest.raises(LayoutError) as error:
+        apply_micro_ep_layout(args, micro_ep_config_from_args(args), world_size=2)
+    message = str(error.value)
+    assert message.startswith(f"--micro-ep-placement custom (--micro-ep-placement-file {path}): ")
+    assert "\n" not in message
 
 
 def test_unknown_placement_is_rejected_by_argparse():

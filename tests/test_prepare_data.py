@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,9 @@ def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp
     """The demo's path: prepare-data on real text (Python sources), then configs/tiny-cpu.yaml through
     scripts/train_single_node.sh with Megatron's defaults, stock and --micro-ep: the same losses and
     grad norms (to fp32 rounding, as in tests/test_pretrain.py), the loss falls, and micromoe analyze
-    reads the run's own routing trace and writes its plots."""
+    reads the run's own routing trace and writes its plots. The MicroEP run re-places its experts
+    (--micro-ep-placement adaptive, threshold 0, every 3 iterations) on this skewed real routing: the
+    experts and their distributed-optimizer state migrate between steps, and the run is still stock's."""
     import micromoe_megatron
 
     sources = sorted(Path(micromoe_megatron.__file__).parent.rglob("*.py"))
@@ -180,13 +183,18 @@ def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp
     common = [*result.megatron_args, "--train-iters", "12", "--log-interval", "1"]
     stock = _launch(["--no-micro-ep", *common]).check()
     trace = tmp_path / "trace"
-    micro = _launch([*common, "--moe-routing-trace-path", str(trace)]).check()
+    micro = _launch([*common, "--moe-routing-trace-path", str(trace), "--micro-ep-placement", "adaptive",
+                     "--micro-ep-replacement-interval", "3", "--micro-ep-replacement-threshold", "0",
+                     "--micro-ep-check-replicas-interval", "3"]).check()
 
     assert sorted(micro.losses) == list(range(1, 13))
     for name in ("losses", "grad_norms"):  # fp32: expert GEMMs on other ranks may differ in the last bit
         ours, theirs = getattr(micro, name), getattr(stock, name)
         assert sorted(ours) == sorted(theirs) and all(abs(ours[i] - theirs[i]) <= 1e-5 * abs(theirs[i]) for i in ours)
     assert "HuggingFaceTokenizer" in micro.log and "MicroEP on: d=2" in micro.log
+    checks = re.findall(r"MicroEP re-placement check \[iteration (\d+)\]: (\d+) layer", micro.log)
+    assert [int(i) for i, _ in checks] == [3, 6, 9, 12]
+    assert sum(int(n) for _, n in checks) > 0, "the skewed real routing should have been re-placed"
     assert np.mean([micro.losses[i] for i in (10, 11, 12)]) < micro.losses[1] - 0.5  # falls clearly
     plots = tmp_path / "plots"
     assert cli_main(["analyze", str(trace), "--experts", "8", "--ep", "2", "--micro-ep", "2",

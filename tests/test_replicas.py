@@ -29,7 +29,7 @@ def _relative(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
-def _assert_same_training(stock_run, micro_run):
+def _assert_same_training(stock_run, micro_run, replicas: int | None = 2):
     assert _relative(stock_run[0]["losses"], micro_run[0]["losses"]) < 1e-5
     assert _relative(stock_run[0]["grad_norms"], micro_run[0]["grad_norms"]) < 1e-5
     stock_experts = {k: v for rank in stock_run for k, v in rank["experts"].items()}
@@ -39,7 +39,8 @@ def _assert_same_training(stock_run, micro_run):
             copies.setdefault(key, []).append(weights)
     assert set(copies) == set(stock_experts)
     for key, held in copies.items():
-        assert len(held) == 2, f"{key} should have d = 2 replicas"
+        if replicas is not None:
+            assert len(held) == replicas, f"{key} should have d = {replicas} replicas"
         assert all(np.array_equal(held[0], other) for other in held[1:]), f"{key}: replicas differ"
         # Relative L2: Adam turns round-off in near-zero gradients into +-lr steps on single
         # elements, so an elementwise bound would measure Adam, not the replica sync.
@@ -85,7 +86,10 @@ def test_replica_guard_names_the_expert_and_broadcast_fixes_it(rank_pool):
     (dict(micro_ep=2), dict(micro_ep=2, placement="random", placement_seed=3)),
     (dict(micro_ep=2), dict(micro_ep=0)),
     (dict(micro_ep=0), dict(micro_ep=2)),
-], ids=["micro-to-micro-other-placement", "micro-to-vanilla", "vanilla-to-micro"])
+    (dict(micro_ep=2, replace_every=1), dict(micro_ep=0)),
+    (dict(micro_ep=2, replace_every=1), dict(micro_ep=2, placement="random", placement_seed=3, replace_every=1)),
+], ids=["micro-to-micro-other-placement", "micro-to-vanilla", "vanilla-to-micro", "re-placed-to-vanilla",
+        "re-placed-to-micro-other-placement-re-placing"])
 def test_checkpoint_round_trip(rank_pool, stock, tmp_path, source, target):
     checkpoint = str(tmp_path / "ckpt")
     rank_pool.run(TRAIN, steps=3, save_dir=checkpoint, save_after=3, **source)
@@ -93,3 +97,54 @@ def test_checkpoint_round_trip(rank_pool, stock, tmp_path, source, target):
     assert _relative(stock[0]["losses"][3:6], resumed[0]["losses"]) < 1e-5
     if target["micro_ep"]:
         assert resumed[0]["replicas_identical"]
+
+
+@pytest.mark.parametrize("layout", [dict(micro_ep=0), dict(micro_ep=2)], ids=["stock", "micro-ep"])
+def test_distributed_optimizer_default_format_resume_is_exact(rank_pool, stock, tmp_path, layout):
+    """Megatron's default distributed-optimizer checkpoint format (dp_reshardable), same layout on
+    both sides: every step after the resume equals the uninterrupted run, in loss and grad norm
+    (the grad norm of the second step after the resume caught megatron_fixes F5)."""
+    checkpoint = str(tmp_path / "ckpt")
+    common = dict(distributed_optimizer=True, sharding_type="dp_reshardable", **layout)
+    rank_pool.run(TRAIN, steps=3, save_dir=checkpoint, save_after=3, **common)
+    resumed = rank_pool.run(TRAIN, first_step=3, steps=6, load_dir=checkpoint, **common)
+    assert _relative(stock[0]["losses"][3:6], resumed[0]["losses"]) < 1e-5
+    assert _relative(stock[0]["grad_norms"][3:6], resumed[0]["grad_norms"]) < 1e-5
+
+
+@pytest.mark.parametrize("source, target", [
+    (dict(micro_ep=0), dict(micro_ep=2)),
+    (dict(micro_ep=2), dict(micro_ep=2, placement="random", placement_seed=3)),
+], ids=["vanilla-to-micro", "micro-to-micro-other-placement"])
+def test_fully_reshardable_distributed_optimizer_moves_between_layouts(rank_pool, stock, tmp_path, source, target):
+    """The format MicroEP saves the distributed optimizer in (Megatron's fully_reshardable): optimizer
+    states are keyed by logical expert, so a resume into another expert layout is exact."""
+    checkpoint = str(tmp_path / "ckpt")
+    common = dict(distributed_optimizer=True, sharding_type="fully_reshardable")
+    rank_pool.run(TRAIN, steps=3, save_dir=checkpoint, save_after=3, **common, **source)
+    resumed = rank_pool.run(TRAIN, first_step=3, steps=6, load_dir=checkpoint, **common, **target)
+    assert _relative(stock[0]["losses"][3:6], resumed[0]["losses"]) < 1e-5
+    assert _relative(stock[0]["grad_norms"][3:6], resumed[0]["grad_norms"]) < 1e-5
+
+
+# ---------------------------------------------------------------- live re-placement (migration.py)
+
+
+def test_replacement_every_iteration_matches_stock(rank_pool, stock):
+    """Re-place every iteration (test policy: random tables and unequal replica counts): the model
+    must not notice, so losses, grad norms and expert weights are the stock run's."""
+    micro = rank_pool.run(TRAIN, micro_ep=2, steps=20, replace_every=1, check_every=1)
+    _assert_same_training(stock, micro, replicas=None)
+    assert len(micro[0]["migrations"]) == 2 * 20  # both MoE layers, every iteration
+    decisions = [[(layer, moves, size) for layer, moves, size, _ in rank["migrations"]] for rank in micro]
+    assert all(d == decisions[0] for d in decisions)  # the same moves and bytes on every rank
+
+
+@pytest.mark.parametrize("micro_ep", [2, 1], ids=["d2", "d1-edp2"])
+def test_replacement_every_iteration_distributed_optimizer(rank_pool, stock_accumulate_and_clip, micro_ep):
+    """Same with the distributed optimizer, accumulation, clipping and overlapped grad reduce; with
+    d = 1 the expert-data-parallel size is 2, so every slot's Adam state is split across two shards."""
+    micro = rank_pool.run(TRAIN, micro_ep=micro_ep, steps=20, distributed_optimizer=True, replace_every=1,
+                          check_every=5, **ACCUMULATE_AND_CLIP)
+    _assert_same_training(stock_accumulate_and_clip, micro, replicas=None)
+    assert len(micro[0]["migrations"]) == 2 * 20

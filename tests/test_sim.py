@@ -75,6 +75,7 @@ def test_paper_bench_rows_have_the_documented_fields():
         assert {"model", "zipf_s", "strategy", "step_ms", "gain_vs_vanilla_pct"} <= set(row)
     assert next(r for r in rows if r["strategy"] == "vanilla EP")["gain_vs_vanilla_pct"] == 0.0
     assert result["paper"]["average_gain_pct"] == 36.9 and result["cost_model"]
+    assert "MicroEP (adaptive)" in {r["strategy"] for r in rows} and set(result["adaptive_gain_pct"]) == {"average", "max"}
 
 
 # ------------------------------------------------------------------ traces and counts files
@@ -167,7 +168,7 @@ def test_analyze_reads_megatron_traces_and_reports_errors(tmp_path, capsys):
 def test_simulate_command_json(capsys):
     assert micromoe(["simulate", "--model", "GPT-8x6.7B", "--skew", "1.0", "--micro-batches", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["model"] == "GPT 8x6.7B" and len(result["results"]) == 6
+    assert result["model"] == "GPT 8x6.7B" and len(result["results"]) == 7
     assert micromoe(["simulate", "--model", "GPT-1T"]) == 2
 
 
@@ -189,3 +190,78 @@ def test_report_command_summarises_a_metrics_file(tmp_path, capsys):
     metrics.write_text('{"iteration": 1}\n')
     assert micromoe(["report", str(metrics)]) == 2
     assert "m.jsonl:1: not a MicroEP metrics record (lacks layers, summary)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ adaptive re-placement
+
+
+def drifting_counts(skew=1.5, gpus=8, experts=32, micro_batches=12, seed=0):
+    from micromoe_megatron.sim.bench import drifting_popularity
+    from micromoe_megatron.core.loads import multinomial_counts
+
+    rng = np.random.default_rng(seed)
+    popularity = drifting_popularity(experts, skew, micro_batches, 0.005, rng)
+    return RoutingCounts({1: np.stack([multinomial_counts(p, 4096, gpus, rng) for p in popularity])}, experts)
+
+
+def test_analyze_adaptive_replay_is_causal_and_counts_re_placements():
+    """Micro-batch t's plan may only depend on micro-batches before it: two traces that agree up to
+    t give the same max/mean series up to t, whatever follows."""
+    counts = drifting_counts(micro_batches=10)
+    altered = counts.layers[1].copy()
+    altered[6:] = altered[6:, :, ::-1]                      # a different future
+    full = analysis.analyze(counts, ep=4, micro_ep=2, placement="adaptive")
+    other = analysis.analyze(RoutingCounts({1: altered}, 32), ep=4, micro_ep=2, placement="adaptive")
+    prefix = analysis.analyze(RoutingCounts({1: counts.layers[1][:6]}, 32), ep=4, micro_ep=2, placement="adaptive")
+    series = [r["layers"][0]["series"]["micro_ep"] for r in (full, other, prefix)]
+    assert series[0][:6] == series[1][:6] == series[2]
+    assert series[0][6:] != series[1][6:]
+    row = full["layers"][0]
+    assert row["replacements"] >= 1 and row["slots_moved"] >= row["replacements"]
+    # The first micro-batch is planned on the symmetric placement: nothing has been seen yet.
+    symmetric = analysis.analyze(RoutingCounts({1: counts.layers[1][:1]}, 32), ep=4, micro_ep=2)
+    assert series[0][0] == symmetric["layers"][0]["series"]["micro_ep"][0]
+    static = analysis.analyze(counts, ep=4, micro_ep=2)["layers"][0]
+    assert row["micro_ep_p50"] < static["micro_ep_p50"]     # skew 1.5: symmetric cannot balance
+
+
+def test_analyze_adaptive_command(tmp_path, capsys):
+    path = write_counts(drifting_counts(micro_batches=4, gpus=8), tmp_path / "c.npz")
+    assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "adaptive",
+                     "--replacement-interval", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "re-placement check every 2 micro-batches" in out and "re-placements (slots moved)" in out
+    assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "adaptive",
+                     "--replacement-interval", "0"]) == 2
+    assert "--replacement-interval must be >= 1" in capsys.readouterr().err
+    assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "sorted"]) == 2
+    assert "--placement" in capsys.readouterr().err
+
+
+def test_simulate_charges_migration_and_adaptive_beats_symmetric_on_skew():
+    counts = drifting_counts(micro_batches=8)
+    results = {r.strategy: r for r in simulate(counts, SHAPE, FIXED_COST, replacement_interval=2)}
+    adaptive, symmetric = results["MicroEP (adaptive)"], results["MicroEP (symmetric)"]
+    assert adaptive.imbalance_p50 < symmetric.imbalance_p50 and adaptive.compute_ms < symmetric.compute_ms
+    assert results["force-balanced ideal"].layer_ms <= adaptive.layer_ms
+    assert adaptive.replacements >= 1
+    # A migration that costs seconds shows up in the adaptive layer time (and only there).
+    slow = dataclasses.replace(FIXED_COST, migration_gbps=1e-3)
+    slow_results = {r.strategy: r for r in simulate(counts, SHAPE, slow, replacement_interval=2)}
+    assert slow_results["MicroEP (adaptive)"].migration_ms > adaptive.migration_ms + 100
+    assert slow_results["MicroEP (adaptive)"].layer_ms > adaptive.layer_ms + 100
+    assert slow_results["MicroEP (symmetric)"].layer_ms == symmetric.layer_ms and symmetric.migration_ms == 0
+
+
+def test_migration_cost_model_bytes():
+    migration = CostModel().migration(SHAPE)               # GPT 32x1.3B: 2 x 2048 x 8192 params per expert
+    assert migration.bytes_per_slot == 2 * 2048 * 8192 * 14
+
+
+def test_bench_balance_adaptive_column():
+    from micromoe_megatron.sim.bench import bench_balance, format_balance
+
+    result = bench_balance(steps=6, skews=(1.5,), num_gpus=8, num_experts=16, tokens_per_gpu=1024, warm_up=2)
+    row = result["rows"][0]
+    assert row["adaptive_p50"] < row["symmetric_p50"] and row["replacements"] >= 1 and row["fallbacks"] == 0
+    assert "MicroEP adaptive" in format_balance(result)

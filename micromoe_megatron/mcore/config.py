@@ -15,6 +15,10 @@ from pathlib import Path
 from ..core.placement import PLACEMENT_KINDS
 from ..core.schedule import DEFAULT_WORK_LIMIT
 
+# Placement kinds accepted by --micro-ep-placement: the core's static ones, plus adaptive (start
+# symmetric, then re-place every --micro-ep-replacement-interval iterations; mcore/replacement.py).
+PLACEMENT_CHOICES = (*PLACEMENT_KINDS, "adaptive")
+
 
 class LayoutError(ValueError):
     """A MicroEP setting does not fit the parallel layout; the message names the flag and the fix."""
@@ -32,9 +36,10 @@ class MicroEPConfig:
     replicas: int = _setting(1, "--micro-ep", metavar="D", help=(
         "merge D expert-parallel groups into one MicroEP group and balance every micro-batch across the D "
         "replicas of each expert (off when absent; 1 behaves exactly like vanilla EP)"))
-    placement: str = _setting("symmetric", "--micro-ep-placement", choices=PLACEMENT_KINDS, help=(
-        "which experts share GPUs: symmetric (well-connected graph, default), random, or custom "
-        "(--micro-ep-placement-file)"))
+    placement: str = _setting("symmetric", "--micro-ep-placement", choices=PLACEMENT_CHOICES, help=(
+        "which experts share GPUs: symmetric (well-connected graph, default), random, custom "
+        "(--micro-ep-placement-file), or adaptive (start symmetric, re-place from the recorded loads every "
+        "--micro-ep-replacement-interval iterations)"))
     placement_seed: int = _setting(0, "--micro-ep-placement-seed", help="seed of the random placement")
     placement_file: str | None = _setting(None, "--micro-ep-placement-file", metavar="PATH",
                                           help="phy2log JSON for --micro-ep-placement custom")
@@ -49,6 +54,14 @@ class MicroEPConfig:
         "verify every N steps that expert replicas are bit-identical (0 = never)"))
     metrics_file: str | None = _setting(None, "--micro-ep-metrics-file", metavar="PATH", help=(
         "also append each log interval's MicroEP metrics (per layer, per-GPU loads) to this JSON-lines file"))
+    replacement_interval: int = _setting(0, "--micro-ep-replacement-interval", metavar="N", help=(
+        "with --micro-ep-placement adaptive: consider re-placing the experts every N iterations, between "
+        "the optimizer step and the next forward (0 = never, the default)"))
+    replacement_threshold: float = _setting(1.05, "--micro-ep-replacement-threshold", metavar="X", help=(
+        "re-place only when the current placement's predicted GPU max/mean exceeds X (0 = always re-place "
+        "at the interval)"))
+    history_window: int = field(default=16, metadata=dict(help=(
+        "micro-batches of all-gathered counts kept per layer for the re-placement policy (no flag)")))
     plan_cache_size: int = field(default=64, metadata=dict(help=(
         "plans kept per layer so a recomputed forward reuses the exact plan (no flag)")))
 
@@ -62,11 +75,20 @@ class MicroEPConfig:
         at_least("placement_seed", 0)
         at_least("check_replicas_interval", 0)
         at_least("plan_cache_size", 1)
+        at_least("replacement_interval", 0)
+        at_least("replacement_threshold", 0)
+        at_least("history_window", 1)
         if self.gpus_per_node is not None:
             at_least("gpus_per_node", 1)
-        if self.placement not in PLACEMENT_KINDS:
+        if self.placement not in PLACEMENT_CHOICES:
             raise LayoutError(f"--micro-ep-placement {self.placement!r} is unknown; choose one of "
-                              f"{', '.join(PLACEMENT_KINDS)}")
+                              f"{', '.join(PLACEMENT_CHOICES)}")
+        if self.placement == "adaptive" and not self.replacement_interval:
+            raise LayoutError("--micro-ep-placement adaptive needs --micro-ep-replacement-interval N > 0 "
+                              "(how often to re-place)")
+        if self.replacement_interval and self.placement != "adaptive":
+            raise LayoutError(f"--micro-ep-replacement-interval {self.replacement_interval} needs "
+                              "--micro-ep-placement adaptive")
         if self.placement == "custom" and not (self.placement_file and Path(self.placement_file).is_file()):
             raise LayoutError("--micro-ep-placement custom needs --micro-ep-placement-file pointing to a "
                               f"phy2log JSON file (got {self.placement_file!r})")
@@ -74,6 +96,11 @@ class MicroEPConfig:
             raise LayoutError("--micro-ep-placement-file is only read with --micro-ep-placement custom")
         if not self.solver_work_limit > 0:
             raise LayoutError(f"--micro-ep-solver-work-limit must be > 0, got {self.solver_work_limit}")
+
+    @property
+    def initial_placement(self) -> str:
+        """The placement kind the layers are built with (adaptive starts symmetric)."""
+        return "symmetric" if self.placement == "adaptive" else self.placement
 
     def validate_layout(self, num_experts: int, micro_ep_size: int, world_expert_dp: int | None = None,
                         expert_tp: int = 1) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,11 +118,28 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
             if getattr(config, name, False):
                 raise LayoutError(f"{flag} is not supported with --micro-ep; drop it or drop --micro-ep")
 
+        # The last micro-batches' all-gathered [F, E] counts (identical on every rank), for re-placement.
+        self.counts_history: deque[np.ndarray] = deque(maxlen=micro_ep.history_window)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to a new slot table of the same shape (after the experts moved, migration.py):
+        a new scheduler for the new holders, and no cached plans of the old one."""
+        if placement.phy2log.shape != self.placement.phy2log.shape:
+            raise ValueError(f"new placement is {placement.phy2log.shape}, the layer has {self.placement.phy2log.shape}")
+        self.placement = placement
+        self.scheduler = ReplicaScheduler(placement.holders, placement.num_gpus,
+                                          gpus_per_node=self.micro_ep.gpus_per_node,
+                                          work_limit=self.micro_ep.solver_work_limit)
+        self._plans.clear()
+        self.last_plan = None
+
     # ------------------------------------------------------------ plan
 
     def plan_for(self, tokens: np.ndarray, device: torch.device | str = "cpu") -> SchedulePlan:
         """The plan for this micro-batch's ``[F, E]`` counts; a repeat (recompute) reuses it.
         ``device``: where the ``check_plans`` all-gather runs (the group's device)."""
+        if torch._C._current_graph_task_id() == -1:  # a new micro-batch, not a recompute inside backward
+            self.counts_history.append(tokens)
         key = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
         plan = self._plans.get(key)
         if plan is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 
 from megatron.core import utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_default_pg_collection
@@ -19,6 +20,23 @@ from .checkpoint import LogicalExpertMap, logical_expert_state_dict
 from .config import LayoutError, MicroEPConfig
 from .dispatcher import MicroEPDispatcher
 from ..core.placement import make_placement
+
+
+@dataclasses.dataclass
+class ReplacementStats:
+    """Re-placements of one layer since the last metrics report (set by the controller).
+
+    ``predicted_max_mean``: the policy's predicted GPU max/mean for the placement in use (NaN when the
+    policy gives no forecast).
+    """
+
+    count: int = 0
+    ms: float = 0.0
+    bytes_moved: int = 0
+    predicted_max_mean: float = math.nan
+
+    def reset(self) -> None:
+        self.count, self.ms, self.bytes_moved = 0, 0.0, 0
 
 
 class MicroMoELayer(MoELayer):
@@ -49,20 +67,34 @@ class MicroMoELayer(MoELayer):
                          pg_collection, is_mtp_layer, name)
         self.logical_config = config
         self.micro_ep = micro_ep
-        self.placement = make_placement(micro_ep.placement, micro_ep_size, config.num_moe_experts,
+        self.placement = make_placement(micro_ep.initial_placement, micro_ep_size, config.num_moe_experts,
                                         micro_ep.replicas, seed=micro_ep.placement_seed,
                                         path=micro_ep.placement_file)
         self.token_dispatcher = MicroEPDispatcher(
             self.num_local_experts, self.local_expert_indices, config=physical,
             pg_collection=pg_collection, placement=self.placement, micro_ep=micro_ep,
-            vanilla_ep=vanilla_ep, layer_number=layer_number)
+            vanilla_ep=vanilla_ep, layer_number=_layer_label(layer_number, is_mtp_layer))
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
+        self.replacement_stats = ReplacementStats()
+        # Every MicroEP group of a pipeline stage must use the same placement (they are expert-data-
+        # parallel replicas of each other), so re-placement decides on counts summed over this group.
+        self.expert_dp_group = getattr(pg_collection, "expt_dp", None)
+        if self.expert_dp_group is None:
+            from megatron.core import parallel_state
+            self.expert_dp_group = parallel_state.get_expert_data_parallel_group(check_initialized=False)
+
+    def set_placement(self, placement) -> None:
+        """Use a new placement from now on (the dispatcher's scheduler and tables follow; the checkpoint
+        mapping reads ``self.placement`` at save time). Only the bookkeeping: ``migration.migrate_layer``
+        moves the weights and optimizer state first and then calls this."""
+        self.token_dispatcher.set_placement(placement)
+        self.placement = placement
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron numbers MoE layers after building them; the dispatcher's errors and logs use it."""
         super().set_layer_number(layer_number)
-        self.token_dispatcher.layer_number = layer_number
+        self.token_dispatcher.layer_number = _layer_label(layer_number, self.is_mtp_layer)
 
     @property
     def micro_ep_stats(self):
@@ -77,6 +109,11 @@ class MicroMoELayer(MoELayer):
             num_logical=self.logical_config.num_moe_experts, replicas=self.micro_ep.replicas)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         return logical_expert_state_dict(state, f"{prefix}experts.", mapping, singleton)
+
+
+def _layer_label(layer_number, is_mtp_layer: bool):
+    """How errors and logs name a layer: Megatron numbers MTP layers 1, 2, ... like decoder layers."""
+    return f"MTP {layer_number}" if is_mtp_layer and layer_number is not None else layer_number
 
 
 def _build_router(router_builder, logical_config, *, config, pg_collection, **kwargs):
@@ -100,8 +137,12 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
 
     Works for the local and TransformerEngine specs: ``get_gpt_layer_local_spec``,
     ``get_gpt_layer_with_transformer_engine_spec``, ``get_gpt_decoder_block_spec`` and their
-    ``TransformerBlockSubmodules``. Dense layers are left alone.
+    ``TransformerBlockSubmodules``, and for multi-token-prediction block specs
+    (``get_gpt_mtp_block_spec``: ``MultiTokenPredictionBlockSubmodules``). Dense layers are left alone;
+    ``None`` (no MTP block on this stage) stays ``None``.
     """
+    if spec is None:
+        return None
     spec = copy.copy(spec)
     layer_specs = getattr(spec, "layer_specs", None)
     if layer_specs is None and isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "layer_specs"):
@@ -113,4 +154,8 @@ def use_micro_ep(spec, micro_ep: MicroEPConfig):
     if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mlp"):
         spec.submodules = copy.copy(spec.submodules)
         spec.submodules.mlp = _swap_mlp(spec.submodules.mlp, micro_ep)
+    elif isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "mtp_model_layer"):
+        # A multi-token-prediction layer: its inner transformer layer holds the MoE layer.
+        spec.submodules = copy.copy(spec.submodules)
+        spec.submodules.mtp_model_layer = use_micro_ep(spec.submodules.mtp_model_layer, micro_ep)
     return spec

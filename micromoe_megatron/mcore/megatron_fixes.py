@@ -4,7 +4,7 @@ These are not CPU shims: any machine whose Megatron falls back to torch's Adam (
 TransformerEngine) hits them when resuming with ``--use-distributed-optimizer``. Each is the
 runtime form of a diff in ``patches/`` (see ``patches/README.md``); ``apply()`` is a no-op when
 Megatron uses Apex/TE's fused Adam, whose step counter lives in the param groups. To re-qualify a
-new megatron-core, skip fixes with ``MICROMOE_MEGATRON_FIXES_SKIP=F1,F2+F3,F4``.
+new megatron-core, skip fixes with ``MICROMOE_MEGATRON_FIXES_SKIP=F1,F2+F3,F4,F5``.
 
 F1  ``sharded_state_dict(is_loading=True)`` reads ``state_dict()`` before the dummy-state init:
     with torch Adam the state is empty after a restart and ``assert len(steps) == 1`` fails
@@ -16,6 +16,12 @@ F3  The fully-reshardable load skips torch Adam's ``step`` in the source tensors
 F4  ``load_state_dict`` gives every parameter's state the *same* ``step`` tensor
     (distrib_optimizer.py:1025-1031); torch Adam then increments it once per parameter each step,
     so bias correction drifts after a resume. Fix: one step tensor per parameter.
+F5  Megatron's default distributed-optimizer checkpoint format (``dp_reshardable``) hands torch
+    Adam's ``step`` to ``_set_main_param_and_optimizer_states`` as a ``LocalNonpersistentObject``:
+    the value this rank held *before* the load (the dummy state, step 1), which is then copied over
+    the step ``load_state_dict`` just restored from the param groups. The first iteration after a
+    resume is exact, every later one drifts (bias correction of step 1). Fix: ``step`` is never
+    taken from ``tensors``; the param groups are its one source (with F2+F3).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def _fix_dummy_state_before_load(cls) -> None:
     cls.sharded_state_dict = sharded_state_dict
 
 
-def _fix_set_states(cls) -> None:
+def _fix_set_states(cls, keep_restored_step: bool = True) -> None:
     original = _require(cls, "_set_main_param_and_optimizer_states")
 
     @functools.wraps(original)
@@ -64,7 +70,9 @@ def _fix_set_states(cls) -> None:
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             current = {k: v for k, v in self.optimizer.state[main_param].items() if isinstance(v, torch.Tensor)}
-            tensors = {**current, **tensors}  # states the checkpoint does not carry keep their value
+            # States the checkpoint does not carry keep their value (F3); "step" always keeps the value
+            # load_state_dict restored from the param groups (F5).
+            tensors = {**current, **{k: v for k, v in tensors.items() if k != "step" or not keep_restored_step}}
         return original(self, model_param, tensors)
 
     cls._set_main_param_and_optimizer_states = set_states
@@ -94,7 +102,10 @@ def apply() -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     skipped = {f.strip() for f in os.environ.get("MICROMOE_MEGATRON_FIXES_SKIP", "").split(",")}
-    for fix_id, fix in (("F1", _fix_dummy_state_before_load), ("F2+F3", _fix_set_states), ("F4", _fix_shared_step)):
+    fixes = (("F1", _fix_dummy_state_before_load),
+             ("F2+F3", functools.partial(_fix_set_states, keep_restored_step="F5" not in skipped)),
+             ("F4", _fix_shared_step))
+    for fix_id, fix in fixes:
         if fix_id not in skipped:
             fix(DistributedOptimizer)
     _applied = True

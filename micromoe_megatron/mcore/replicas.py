@@ -275,6 +275,10 @@ class ReplicaSync:
         broadcast_replicas(self._layers)
         return model_chunks
 
+    def placement_changed(self) -> None:
+        """Forget the cached layers (peers, slot holders): a re-placement moved the experts."""
+        self._layers = None
+
     def layers(self, model_chunks) -> list[ReplicaLayer]:
         if self._layers is None:
             self._layers = replica_layers(model_chunks)

@@ -9,17 +9,24 @@ import numpy as np
 from ..core import placement as placements
 from ..core.loads import max_over_mean
 from .counts import RoutingCounts, TraceError
-from .strategies import ReplicaLP, VanillaEP
+from .strategies import AdaptiveReplicaLP, ReplicaLP, VanillaEP
 
 PERCENTILES = (50, 90, 99)
 
 
 def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "symmetric", seed: int = 0,
-            gpus_per_node: int | None = None, progress=None) -> dict:
+            gpus_per_node: int | None = None, progress=None, replacement_interval: int = 1,
+            replacement_threshold: float = 0.0) -> dict:
     """Per layer: the distribution over micro-batches of GPU max/mean tokens, both ways.
 
     The traced GPUs are taken in groups of ``F = micro_ep x EP`` consecutive ranks (Megatron's rank
     order with TP = 1: EP groups are consecutive); a micro-batch's max/mean is over all GPUs.
+
+    ``placement="adaptive"`` replays the trace causally: every group starts symmetric, each
+    micro-batch is planned on the current placement before its counts are recorded, and every
+    ``replacement_interval`` micro-batches the group may re-place from what it has seen
+    (``ReplacementPolicy`` with ``replacement_threshold``). Rows then count the re-placements and
+    the slots moved.
     """
     num_gpus, num_experts = counts.num_gpus, counts.num_experts
     group = ep * micro_ep
@@ -29,15 +36,26 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
         raise TraceError(f"--micro-ep {micro_ep} x --ep {ep} = {group} must divide the {num_gpus} traced GPUs")
     if num_experts % ep:
         raise TraceError(f"--ep {ep} must divide --experts {num_experts}")
+    adaptive = placement == "adaptive"
+    if adaptive and replacement_interval < 1:
+        raise TraceError(f"--replacement-interval must be >= 1 micro-batch, got {replacement_interval}")
+    if adaptive and replacement_threshold < 0:
+        raise TraceError(f"--replacement-threshold must be >= 0, got {replacement_threshold}")
     try:
-        layout = placements.make_placement(placement, group, num_experts, micro_ep, seed=seed)
+        layout = placements.make_placement("symmetric" if adaptive else placement, group, num_experts, micro_ep,
+                                           seed=seed)
     except placements.PlacementError as exc:
-        raise TraceError(f"--placement: {exc}") from exc
+        choices = ", ".join([*placements.PLACEMENT_KINDS[:2], "adaptive"])
+        raise TraceError(f"--placement: {exc} (analyze takes {choices})") from exc
     groups = [slice(s, s + group) for s in range(0, num_gpus, group)]
     layers, loads = [], {}
     for layer, array in sorted(counts.layers.items()):
-        vanilla, planners = VanillaEP(group, num_experts, ep), [
-            ReplicaLP("MicroEP", layout.holders, group, gpus_per_node) for _ in groups]
+        vanilla = VanillaEP(group, num_experts, ep)
+        if adaptive:
+            planners = [AdaptiveReplicaLP(layout, replacement_interval, replacement_threshold,
+                                          gpus_per_node=gpus_per_node) for _ in groups]
+        else:
+            planners = [ReplicaLP("MicroEP", layout.holders, group, gpus_per_node) for _ in groups]
         before, after, fallbacks = [], [], 0
         for step, tokens in enumerate(array):
             load_before = np.concatenate([vanilla.outcome(tokens[g]).load for g in groups])
@@ -48,6 +66,9 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
             after.append(max_over_mean(load_after))
             loads[(layer, step)] = (load_before, load_after)
         row = {"layer": layer, "micro_batches": len(array), "fallbacks": fallbacks}
+        if adaptive:
+            row["replacements"] = sum(p.policy.replacements for p in planners)
+            row["slots_moved"] = sum(p.policy.slots_moved for p in planners)
         for name, values in (("vanilla", before), ("micro_ep", after)):
             for q in PERCENTILES:
                 row[f"{name}_p{q}"] = float(np.percentile(values, q))
@@ -60,7 +81,9 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
     overall = {f"{name}_p{q}": float(np.percentile([v for r in layers for v in r["series"][name]], q))
                for name in ("vanilla", "micro_ep") for q in PERCENTILES}
     return {"gpus": num_gpus, "experts": num_experts, "ep": ep, "micro_ep": micro_ep, "placement": placement,
-            "group_size": group, "layers": layers, "overall": overall, "_loads": loads}
+            "group_size": group, "layers": layers, "overall": overall, "_loads": loads,
+            **({"replacement_interval": replacement_interval, "replacement_threshold": replacement_threshold}
+               if adaptive else {})}
 
 
 def public_json(result: dict) -> dict:
@@ -71,15 +94,20 @@ def public_json(result: dict) -> dict:
 
 
 def format_analysis(result: dict) -> str:
+    adaptive = "replacement_interval" in result
     lines = [f"{result['gpus']} GPUs, {result['experts']} experts, EP {result['ep']}, MicroEP d = {result['micro_ep']} "
-             f"({result['placement']} placement, groups of {result['group_size']} GPUs)",
+             f"({result['placement']} placement, groups of {result['group_size']} GPUs"
+             + (f", re-placement check every {result['replacement_interval']} micro-batches, threshold "
+                f"{result['replacement_threshold']}" if adaptive else "") + ")",
              "GPU max/mean tokens per micro-batch:",
              f"{'layer':>5} {'micro-batches':>13} | {'vanilla EP p50':>14} {'p90':>6} {'p99':>6} | "
-             f"{'MicroEP p50':>11} {'p90':>6} {'p99':>6} | fallbacks"]
+             f"{'MicroEP p50':>11} {'p90':>6} {'p99':>6} | fallbacks"
+             + (" | re-placements (slots moved)" if adaptive else "")]
     for row in result["layers"]:
         lines.append(f"{row['layer']:>5} {row['micro_batches']:>13} | {row['vanilla_p50']:>14.3f} "
                      f"{row['vanilla_p90']:>6.3f} {row['vanilla_p99']:>6.3f} | {row['micro_ep_p50']:>11.3f} "
-                     f"{row['micro_ep_p90']:>6.3f} {row['micro_ep_p99']:>6.3f} | {row['fallbacks']}")
+                     f"{row['micro_ep_p90']:>6.3f} {row['micro_ep_p99']:>6.3f} | {row['fallbacks']:>9}"
+                     + (f" | {row['replacements']} ({row['slots_moved']})" if adaptive else ""))
     o = result["overall"]
     lines.append(f"{'all':>5} {'':>13} | {o['vanilla_p50']:>14.3f} {o['vanilla_p90']:>6.3f} {o['vanilla_p99']:>6.3f} | "
                  f"{o['micro_ep_p50']:>11.3f} {o['micro_ep_p90']:>6.3f} {o['micro_ep_p99']:>6.3f} |")

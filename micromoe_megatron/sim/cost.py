@@ -13,7 +13,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.forecast import MigrationCost
+
 H100_BF16_PEAK_TFLOPS = 989.0
+# Bytes per expert parameter a migration moves with mixed-precision Adam: the BF16 weight (2),
+# the FP32 main parameter (4) and the two FP32 Adam moments (8). Gradients are not moved: a
+# migration runs after the optimizer step, when they are zeroed.
+MIGRATION_BYTES_PER_PARAM = 14
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,11 @@ class ModelShape:
         return 3.0 * 2.0 * matrices * self.hidden * self.ffn_hidden
 
     @property
+    def expert_params(self) -> int:
+        """Parameters of one expert MLP (no biases)."""
+        return (3 if self.swiglu else 2) * self.hidden * self.ffn_hidden
+
+    @property
     def dense_flops_per_token(self) -> float:
         """Forward + backward FLOPs per token of one layer outside the experts: QKV, projection,
         attention scores and values (full multi-head size, an upper bound for GQA), router."""
@@ -73,6 +84,9 @@ class CostModel:
         a2a_latency_ms: fixed cost of one all-to-all.
         allgather_ms: MicroEP's counts all-gather per layer and micro-batch.
         bytes_per_element: activation element size (BF16: 2).
+        migration_gbps: per-GPU bandwidth for moving expert slots in a re-placement, GB/s (a
+            conservative share of NVLink; the moves are point-to-point inside the MicroEP group).
+        migration_latency_ms: fixed cost of one re-placement (the exchange round, scheduler rebuild).
         schedule_ms: LP planning time per layer and micro-batch; None = measure it here.
         source: where the numbers come from.
     """
@@ -86,6 +100,8 @@ class CostModel:
     allgather_ms: float = 0.03
     bytes_per_element: int = 2
     schedule_ms: float | None = None
+    migration_gbps: float = 100.0
+    migration_latency_ms: float = 0.5
     source: str = "defaults for H100 SXM BF16"
 
     def describe(self) -> list[str]:
@@ -99,6 +115,9 @@ class CostModel:
             "  MicroEP/LP overhead: " + ("the HiGHS schedule time measured on this host" if self.schedule_ms is None
                                          else f"{self.schedule_ms} ms schedule time")
             + f" + {self.allgather_ms} ms counts all-gather, on the critical path (no overlap assumed)",
+            f"  adaptive re-placement: each moved slot carries {MIGRATION_BYTES_PER_PARAM} bytes per expert "
+            f"parameter (BF16 weight, FP32 main param, Adam moments) at {self.migration_gbps:.0f} GB/s per GPU "
+            f"+ {self.migration_latency_ms} ms, charged to the micro-batches until the next check",
             "  force-balanced ideal: every GPU at the mean load, and the least all-to-all time of any strategy "
             "spread evenly over the GPUs",
             "  step = (micro-batches + PP - 1) x layers per stage x (dense + MoE layer time) (1F1B); MoE layer "
@@ -107,6 +126,15 @@ class CostModel:
 
     def expert_ms(self, assignments: np.ndarray, shape: ModelShape) -> np.ndarray:
         return assignments * shape.expert_flops_per_assignment / (self.expert_tflops * 1e12) * 1e3
+
+    def ms_per_assignment(self, shape: ModelShape) -> float:
+        """Expert compute (forward + backward) of one token-expert assignment, ms."""
+        return shape.expert_flops_per_assignment / (self.expert_tflops * 1e12) * 1e3
+
+    def migration(self, shape: ModelShape) -> MigrationCost:
+        """The time model of moving one layer's expert slots (see ``MIGRATION_BYTES_PER_PARAM``)."""
+        return MigrationCost(bytes_per_slot=float(shape.expert_params * MIGRATION_BYTES_PER_PARAM),
+                             bandwidth_gbps=self.migration_gbps, latency_ms=self.migration_latency_ms)
 
     def dense_ms(self, shape: ModelShape) -> float:
         return shape.tokens_per_gpu * shape.dense_flops_per_token / (self.dense_tflops * 1e12) * 1e3

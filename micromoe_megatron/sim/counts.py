@@ -75,6 +75,19 @@ def write_counts(counts: RoutingCounts, path: str | Path) -> Path:
     return path
 
 
+def _validated_layer(value, where: str) -> np.ndarray:
+    """One layer's counts ``[M, G, E]`` as int64, each micro-batch checked by ``loads.validate_counts``
+    (whole numbers, >= 0, total within int64). Raises TraceError naming ``where`` (file and layer)."""
+    try:
+        array = np.asarray(value)
+        if array.ndim != 3:
+            raise ValueError(f"counts must be [micro-batches, GPUs, experts], got {array.ndim} dimensions")
+        return np.stack([loads.validate_counts(batch, *array.shape[1:]) for batch in array]) if array.size \
+            else array.astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise TraceError(f"{where}: {exc}") from None
+
+
 def _counts_from_json(data, where: str) -> RoutingCounts:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TraceError(f"{where}: not a counts file (expected \"format\": \"{FORMAT}\")")
@@ -84,9 +97,10 @@ def _counts_from_json(data, where: str) -> RoutingCounts:
     layers = {}
     for key, value in (data.get("layers") or {}).items():
         try:
-            layers[int(key)] = np.asarray(value, dtype=np.int64)
-        except (ValueError, TypeError) as exc:
-            raise TraceError(f"{where}: layer {key!r}: {exc}") from exc
+            number = int(key)
+        except ValueError:
+            raise TraceError(f"{where}: layer key {key!r} is not a layer number") from None
+        layers[number] = _validated_layer(value, f"{where}: layer {key!r}")
     return RoutingCounts(layers, experts)
 
 
@@ -96,7 +110,7 @@ def read_counts_file(path: str | Path) -> RoutingCounts:
         with np.load(path) as data:
             if "num_experts" not in data:
                 raise TraceError(f"{path}: NPZ needs a num_experts entry")
-            layers = {int(k.split("_", 1)[1]): data[k].astype(np.int64) for k in data.files
+            layers = {int(k.split("_", 1)[1]): _validated_layer(data[k], f"{path}: {k}") for k in data.files
                       if re.fullmatch(r"layer_\d+", k)}
             return RoutingCounts(layers, int(data["num_experts"]))
     try:

@@ -8,6 +8,8 @@ all of them: vanilla EP's ``E / EP`` experts per GPU):
 * ``ReplicaLP``: replicas on a fixed placement, each micro-batch split by the LP (HiGHS, the
   planning core). With the symmetric or random placement this is MicroEP; with a placement of
   redundant copies along a ring it is the LPLB-style baseline.
+* ``AdaptiveReplicaLP``: MicroEP that starts symmetric and re-places from the load forecast
+  (asymmetric placement, paper Sec. 6.3-6.4), paying the migration time when it moves slots.
 * ``StaticReplication``: EPLB-style: replica counts and placement chosen from a load history,
   tokens split equally among an expert's replicas.
 * ``ForceBalanced``: the ideal: every GPU gets exactly the mean load, traffic spread evenly.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import placement as placements
+from ..core.forecast import MigrationCost, ReplacementPolicy
 from ..core.loads import max_over_mean
 from ..core.schedule import ReplicaScheduler
 
@@ -33,12 +36,14 @@ class Outcome:
         traffic: [F, F] tokens sent from GPU s to GPU g (the diagonal stays local).
         overhead_ms: host planning time on the critical path (LP solve, counts all-gather).
         fallback: the LP fell back to an even split.
+        migration_ms: re-placement migration time charged to this micro-batch (amortised).
     """
 
     load: np.ndarray
     traffic: np.ndarray
     overhead_ms: float = 0.0
     fallback: bool = False
+    migration_ms: float = 0.0
 
     @property
     def imbalance(self) -> float:
@@ -79,6 +84,67 @@ class ReplicaLP:
         np.add.at(traffic, (plan.routes[:, 0], plan.routes[:, 2]), plan.routes[:, 3])
         solve_ms = plan.schedule_ms if self.schedule_ms is None else self.schedule_ms
         return Outcome(plan.load_per_gpu.astype(float), traffic, solve_ms + self.allgather_ms, plan.fallback)
+
+
+class AdaptiveReplicaLP:
+    """MicroEP with adaptive re-placement: plan each micro-batch on the current placement, then
+    record its counts; every ``interval`` micro-batches the policy may re-place (causal: a
+    micro-batch is planned before it is recorded). A re-placement's migration time is charged to
+    the micro-batches of the next interval (amortised, ``Outcome.migration_ms``).
+
+    Args:
+        placement: the starting placement (symmetric).
+        interval: micro-batches between checks (>= 1).
+        threshold, window, robust_window: see ``ReplacementPolicy``.
+        migration: the migration time model; ``ms_per_token``: expert compute per assignment.
+    """
+
+    name = "MicroEP (adaptive)"
+
+    def __init__(self, placement: placements.Placement, interval: int = 1, threshold: float = 0.0,
+                 migration: MigrationCost | None = None, ms_per_token: float = 0.0, gpus_per_node: int | None = None,
+                 allgather_ms: float = 0.0, schedule_ms: float | None = None, window: int = 8,
+                 robust_window: int = 4):
+        if interval < 1:
+            raise ValueError(f"replacement interval must be >= 1 micro-batch, got {interval}")
+        self.policy = ReplacementPolicy(placement, interval, threshold, window=window, alpha=0.5,
+                                        migration=migration, ms_per_token=ms_per_token,
+                                        micro_batches_per_check=interval, robust_window=robust_window)
+        self.lp_args = dict(gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
+        self.planner = ReplicaLP(self.name, placement.holders, placement.num_gpus, **self.lp_args)
+        self.migration_ms = 0.0      # total predicted migration time
+        self._amortised_ms = 0.0     # charged to each micro-batch of the current interval
+
+    def warm_up(self, history: np.ndarray) -> None:
+        """Record ``[K, F, E]`` earlier counts and re-place once from them (no migration charged)."""
+        for tokens in history:
+            self.policy.observe(tokens)
+        if len(history):
+            self._switch(self.policy.decide(self.policy.history.forecast()), charge=False)
+
+    def _switch(self, decision, charge: bool = True) -> None:
+        if decision is None or not decision.replace:
+            self._amortised_ms = 0.0
+            return
+        self.policy.commit(decision)
+        self.planner = ReplicaLP(self.name, self.policy.placement.holders, self.policy.placement.num_gpus,
+                                 **self.lp_args)
+        if charge:
+            self.migration_ms += decision.migration_ms
+            self._amortised_ms = decision.migration_ms / self.policy.interval
+
+    def outcome(self, tokens: np.ndarray) -> Outcome:
+        result = self.planner.outcome(tokens)
+        result.migration_ms = self._amortised_ms
+        self.policy.observe(tokens)
+        decision = self.policy.check()   # None between checks: keep charging the last migration
+        if decision is not None:
+            self._switch(decision)
+        return result
+
+    @property
+    def replacements(self) -> int:
+        return self.policy.replacements
 
 
 def ring_redundant_holders(num_gpus: int, num_experts: int, replicas: int) -> tuple[tuple[int, ...], ...]:
@@ -154,9 +220,14 @@ class ForceBalanced:
 
 def build_strategies(num_gpus: int, num_experts: int, ep: int, replicas: int, history: np.ndarray,
                      gpus_per_node: int | None = None, allgather_ms: float = 0.0, schedule_ms: float | None = None,
-                     seed: int = 0) -> list:
-    """Vanilla EP, MicroEP (symmetric, random), EPLB-style, LPLB-style (only when F divides E) and
-    the force-balanced ideal, for one group of F = d * EP GPUs."""
+                     seed: int = 0, adaptive: dict | None = None) -> list:
+    """Vanilla EP, MicroEP (symmetric, random, adaptive), EPLB-style, LPLB-style (only when F
+    divides E) and the force-balanced ideal, for one group of F = d * EP GPUs.
+
+    ``adaptive``: keyword arguments of ``AdaptiveReplicaLP`` (interval, threshold, migration,
+    ms_per_token); None leaves the adaptive strategy out. It is warmed up on ``history`` like the
+    EPLB-style strategy, then keeps re-placing from what it sees.
+    """
     slots_per_gpu = num_experts // ep
     lp = dict(num_gpus=num_gpus, gpus_per_node=gpus_per_node, allgather_ms=allgather_ms, schedule_ms=schedule_ms)
     strategies = [
@@ -165,6 +236,11 @@ def build_strategies(num_gpus: int, num_experts: int, ep: int, replicas: int, hi
         ReplicaLP("MicroEP (random)", placements.random(num_gpus, num_experts, replicas, seed=seed).holders, **lp),
         StaticReplication(history, slots_per_gpu),
     ]
+    if adaptive is not None:
+        strategy = AdaptiveReplicaLP(placements.symmetric(num_gpus, num_experts, replicas), **adaptive,
+                                     **{k: v for k, v in lp.items() if k != "num_gpus"})
+        strategy.warm_up(history)
+        strategies.insert(3, strategy)
     if num_experts % num_gpus == 0:
         strategies.append(ReplicaLP("redundant ring + LP (LPLB-style)",
                                     ring_redundant_holders(num_gpus, num_experts, replicas), **lp))

@@ -64,11 +64,62 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def apply_micro_ep_layout(args, micro_ep: MicroEPConfig, world_size: int | None = None) -> None:
+# Version of the layout record (``args.micro_ep_layout``) that Megatron saves with the checkpoint args.
+LAYOUT_VERSION = 1
+
+
+def layout_record(micro_ep: MicroEPConfig, vanilla_ep: int, num_experts: int, phy2log) -> dict:
+    """MicroEP's layout as saved in every checkpoint (inside Megatron's saved ``args``).
+
+    A resume compares it with its own (training/resume_check.py): what changed is then known.
+    ``phy2log``: [F, L] logical expert per GPU and slot.
+    """
+    return {"version": LAYOUT_VERSION, "d": micro_ep.replicas, "ep": vanilla_ep, "num_experts": num_experts,
+            "placement": micro_ep.placement, "placement_seed": micro_ep.placement_seed,
+            "phy2log": [[int(e) for e in row] for row in phy2log]}
+
+
+def _refuse_inexact_options(args) -> list[str]:
+    """Megatron options that would make a MicroEP run differ from stock: refused. Returns warnings."""
+    if getattr(args, "moe_expert_capacity_factor", None) is not None \
+            and getattr(args, "moe_pad_expert_input_to_capacity", False):
+        _fail("--moe-pad-expert-input-to-capacity is not supported with --micro-ep: it pads every physical "
+              "expert slot to capacity, which changes the computation; drop it (--moe-expert-capacity-factor "
+              "without padding drops the same tokens as stock)")
+    if (args.save or args.load) and args.ckpt_format != "torch_dist":
+        _fail(f"--ckpt-format {args.ckpt_format} is not supported with --micro-ep: only torch_dist (the "
+              "default) maps expert replicas to logical experts; use --ckpt-format torch_dist")
+    if getattr(args, "non_persistent_ckpt_type", None) == "local":
+        _fail("--non-persistent-ckpt-type local is not supported with --micro-ep: local checkpoints store "
+              "physical expert slots; use --non-persistent-ckpt-type global")
+    if getattr(args, "micro_ep_replacement_interval", 0):
+        for flag, name in (("--bf16", "bf16"), ("--fp16", "fp16"),
+                           ("--use-precision-aware-optimizer", "use_precision_aware_optimizer"),
+                           ("--optimizer-cpu-offload", "optimizer_cpu_offload")):
+            if getattr(args, name, False):
+                _fail(f"{flag} is not supported with --micro-ep-replacement-interval yet: live migration moves "
+                      "fp32 parameters and Megatron's fp32 optimizer state only; drop one of them")
+    warnings = []
+    if getattr(args, "moe_router_num_groups", None) and getattr(args, "moe_router_group_topk", None):
+        warnings.append(
+            f"--moe-router-num-groups {args.moe_router_num_groups} with --micro-ep: the router still picks each "
+            f"token's experts from at most {args.moe_router_group_topk} groups (the model is unchanged), but "
+            "MicroEP may run a token on a replica of its expert on a GPU or node outside those groups, so the "
+            "bound on all-to-all destinations per token no longer holds")
+    return warnings
+
+
+def apply_micro_ep_layout(args, micro_ep: MicroEPConfig, world_size: int | None = None) -> list[str]:
     """Check the combination of flags and widen Megatron's expert-parallel group to ``d x EP``.
 
     Runs after parsing and before Megatron's ``validate_args``; every error names the flag to change.
     The placement is built once here, so a bad ``--micro-ep-placement-file`` fails at start-up.
+    With the distributed optimizer, checkpoints are saved in Megatron's fully reshardable format
+    (``--dist-ckpt-optim-fully-reshardable``): the default ``dp_reshardable`` one stores the
+    optimizer state in gradient-bucket order, which depends on the expert layout, so it could not be
+    loaded into stock EP or another placement. Sets ``args.micro_ep_layout`` (layout_record).
+
+    Returns: lines for the user (what was changed or what to know), to print once.
     """
     d = micro_ep.replicas
     ep = args.expert_model_parallel_size
@@ -96,9 +147,19 @@ def apply_micro_ep_layout(args, micro_ep: MicroEPConfig, world_size: int | None 
               "lower --micro-ep or add data-parallel ranks")
     micro_ep.validate_layout(args.num_experts, d * ep)
     try:
-        make_placement(micro_ep.placement, d * ep, args.num_experts, d, seed=micro_ep.placement_seed,
-                       path=micro_ep.placement_file)
-    except PlacementError as error:
-        _fail(f"--micro-ep-placement {micro_ep.placement}: {error}")
+        placement = make_placement(micro_ep.initial_placement, d * ep, args.num_experts, d, seed=micro_ep.placement_seed,
+                                   path=micro_ep.placement_file)
+    except (PlacementError, ValueError, TypeError) as error:
+        source = f" (--micro-ep-placement-file {micro_ep.placement_file})" if micro_ep.placement_file else ""
+        _fail(f"--micro-ep-placement {micro_ep.placement}{source}: {error}".replace("\n", " "))
+    notes = _refuse_inexact_options(args)
+    if args.use_distributed_optimizer and not args.dist_ckpt_optim_fully_reshardable:
+        args.dist_ckpt_optim_fully_reshardable = True
+        if args.save:
+            notes.append("MicroEP saves the distributed optimizer in Megatron's fully reshardable format "
+                         "(--dist-ckpt-optim-fully-reshardable), so the checkpoint loads into stock EP and any "
+                         "MicroEP layout")
     args.micro_ep_vanilla_ep = ep
+    args.micro_ep_layout = layout_record(micro_ep, ep, args.num_experts, placement.phy2log)
     args.expert_model_parallel_size = d * ep
+    return notes

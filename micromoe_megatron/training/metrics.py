@@ -23,8 +23,11 @@ import torch.distributed as dist
 from ..core.loads import max_over_mean
 from ..mcore.replicas import collective_device
 
-# Per-layer columns of the reporter's table (means over the steps since the last report).
-COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks")
+# Per-layer columns of the reporter's table (means over the steps since the last report; the
+# re-placement columns are totals since the last report, predicted_max_mean the policy's forecast
+# for the placement in use, NaN without one).
+COLUMNS = ("max_mean_vanilla_ep", "max_mean_micro_ep", "schedule_ms", "remote_fraction", "fallbacks",
+           "replacements", "replacement_ms", "replacement_mb", "predicted_max_mean")
 
 
 def micro_ep_layers(model_chunks) -> list:
@@ -48,11 +51,14 @@ def iteration_line_entries(layers, device) -> dict[str, torch.Tensor]:
             "micro-ep max/mean": torch.tensor([after, count], device=device)}
 
 
-def layer_means(stats) -> list[float]:
-    """One row of COLUMNS from a layer's MicroEPStats (since its last reset)."""
+def layer_means(stats, replacement=None) -> list[float]:
+    """One row of COLUMNS from a layer's MicroEPStats and ReplacementStats (since their last reset)."""
     steps = max(stats.steps, 1)
+    moved = [float(replacement.count), replacement.ms, replacement.bytes_moved / 2 ** 20,
+             replacement.predicted_max_mean] if replacement is not None else [0.0, 0.0, 0.0, float("nan")]
     return [stats.imbalance_before_total / steps, stats.imbalance_after_total / steps,
-            stats.schedule_ms_total / steps, stats.remote_tokens / max(stats.tokens, 1), float(stats.fallbacks)]
+            stats.schedule_ms_total / steps, stats.remote_tokens / max(stats.tokens, 1), float(stats.fallbacks),
+            *moved]
 
 
 class MetricsReporter:
@@ -62,10 +68,13 @@ class MetricsReporter:
         num_layers: total transformer layers of the model (rows of the table).
         log_interval: report every this many iterations.
         jsonl_path: if set, the last rank appends one JSON record per report here.
+        mtp_layers: multi-token-prediction layers; MTP layer k is row ``num_layers + k`` (Megatron
+            numbers it k, like decoder layer k) and is listed in the record's ``mtp_layers``.
     """
 
-    def __init__(self, num_layers: int, log_interval: int, jsonl_path: str | None = None):
-        self.num_layers = num_layers
+    def __init__(self, num_layers: int, log_interval: int, jsonl_path: str | None = None, mtp_layers: int = 0):
+        self.decoder_layers = num_layers
+        self.num_layers = num_layers + mtp_layers
         self.log_interval = log_interval
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
 
@@ -74,16 +83,21 @@ class MetricsReporter:
         table = torch.zeros(self.num_layers, len(COLUMNS) + 1, dtype=torch.float64, device=device)
         loads = {}
         for layer in layers:
-            row = layer.layer_number - 1
-            table[row, :-1] += torch.tensor(layer_means(layer.micro_ep_stats), dtype=torch.float64, device=device)
+            row = self.row(layer)
+            row_values = layer_means(layer.micro_ep_stats, getattr(layer, "replacement_stats", None))
+            table[row, :-1] += torch.tensor(row_values, dtype=torch.float64, device=device)
             table[row, -1] += 1
             stats = layer.micro_ep_stats
-            loads[layer.layer_number] = {"vanilla_ep": stats.load_before.tolist(),
-                                         "micro_ep": stats.load_after.tolist()}
+            loads[row + 1] = {"vanilla_ep": stats.load_before.tolist(), "micro_ep": stats.load_after.tolist()}
         dist.all_reduce(table)
         table = table.cpu().numpy()
         counts = table[:, -1:]
         return np.where(counts > 0, table[:, :-1] / np.maximum(counts, 1), np.nan), loads
+
+    def row(self, layer) -> int:
+        """Table row of a MicroMoELayer: decoder layer n is row n - 1, MTP layer k row num_layers + k - 1."""
+        offset = self.decoder_layers if getattr(layer, "is_mtp_layer", False) else 0
+        return offset + layer.layer_number - 1
 
     def __call__(self, model_chunks, iteration: int, writer=None, wandb_writer=None, is_last_rank=False,
                  print_fn=print):
@@ -94,13 +108,17 @@ class MetricsReporter:
         table, loads = self.gather(layers, device)
         for layer in layers:
             layer.micro_ep_stats.reset()
+            if getattr(layer, "replacement_stats", None) is not None:
+                layer.replacement_stats.reset()
         rows = {n + 1: dict(zip(COLUMNS, map(float, table[n]))) for n in range(self.num_layers)
                 if not np.isnan(table[n, 0])}
         if not rows:
             return None
         summary = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
-        summary["fallbacks"] = float(sum(r["fallbacks"] for r in rows.values()))
-        record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads}
+        for total in ("fallbacks", "replacements", "replacement_ms", "replacement_mb"):
+            summary[total] = float(sum(r[total] for r in rows.values()))
+        record = {"iteration": iteration, "summary": summary, "layers": rows, "loads": loads,
+                  "mtp_layers": [n for n in rows if n > self.decoder_layers]}
         if is_last_rank:
             self._write(record, writer, wandb_writer)
             print_fn(format_summary(record), flush=True)
@@ -127,4 +145,5 @@ def format_summary(record: dict) -> str:
     return (f" MicroEP [iteration {record['iteration']}] MoE layers: {len(record['layers'])} | GPU max/mean: "
             f"vanilla EP {s['max_mean_vanilla_ep']:.3f} -> MicroEP {s['max_mean_micro_ep']:.3f} | "
             f"schedule {s['schedule_ms']:.2f} ms/layer | remote tokens {100 * s['remote_fraction']:.1f}% | "
-            f"fallbacks {int(s['fallbacks'])}")
+            f"fallbacks {int(s['fallbacks'])} | re-placements {int(s.get('replacements', 0))} "
+            f"({s.get('replacement_ms', 0.0):.0f} ms, {s.get('replacement_mb', 0.0):.1f} MB moved)")

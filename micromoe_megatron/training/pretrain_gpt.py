@@ -58,20 +58,26 @@ def parse_arguments(argv=None):
 
     from ..mcore.config import LayoutError
     from .flags import add_micro_ep_args, apply_micro_ep_layout, micro_ep_config_from_args
+    from .resume_check import check_resume
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = parse_args(extra_args_provider=add_micro_ep_args)
     cpu_changes = adapt_to_cpu(args)
+    notes = []
     try:
         micro_ep = micro_ep_config_from_args(args)
         if micro_ep is not None:
-            apply_micro_ep_layout(args, micro_ep)
+            notes = apply_micro_ep_layout(args, micro_ep)
+        check_data_args(args)
+        validate_args(args, {"tokenizer_type": "NullTokenizer"})
+        check_resume(args)
     except LayoutError as error:
         raise SystemExit(f"pretrain_gpt.py: error: {error}") from None
-    check_data_args(args)
-    validate_args(args, {"tokenizer_type": "NullTokenizer"})
     set_global_variables(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"pretrain_gpt.py: {note}", flush=True)
     return args, micro_ep, cpu_changes
 
 
@@ -241,7 +247,10 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     def micro_ep_layer_spec(config, vp_stage=None):
         return use_micro_ep(default_layer_spec(config, vp_stage), micro_ep)
 
-    reporter = MetricsReporter(args.num_layers, args.log_interval, micro_ep.metrics_file)
+    if args.mtp_num_layers:
+        _convert_mtp_layers(micro_ep)
+    reporter = MetricsReporter(args.num_layers, args.log_interval, micro_ep.metrics_file,
+                               mtp_layers=args.mtp_num_layers or 0)
 
     def report_metrics(model_chunks):
         iteration = getattr(args, "curr_iteration", 0) + 1
@@ -252,6 +261,63 @@ def install_micro_ep(model_cfg, args, micro_ep) -> None:
     model_cfg.transformer_layer_spec = micro_ep_layer_spec
     model_cfg.pre_wrap_hooks.append(sync.attach)
     model_cfg.transformer.finalize_model_grads_func = sync
+    if micro_ep.replacement_interval:
+        _install_replacement(micro_ep, sync)
+
+
+def _install_replacement(micro_ep, sync) -> None:
+    """Run the re-placement controller after every optimizer step (``--micro-ep-placement adaptive``).
+
+    Megatron's ``train()`` calls ``megatron.training.training.post_training_step_callbacks(model,
+    optimizer, ..., iteration, ...)`` after each step and before the next forward, looked up as a
+    module global at call time; it has no hook list, so the launcher wraps that one function (see
+    ``patches/README.md``). The controller migrates experts and their optimizer state there.
+    """
+    from megatron.training import training
+    from megatron.training.utils import print_rank_0
+
+    from ..mcore.replacement import AdaptivePolicy, ReplacementController
+
+    controller = ReplacementController(AdaptivePolicy(micro_ep.replacement_threshold),
+                                       micro_ep.replacement_interval, replica_sync=sync)
+    callbacks = training.post_training_step_callbacks
+
+    @functools.wraps(callbacks)
+    def with_replacement(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs):
+        result = callbacks(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs)
+        if micro_ep.replacement_interval and iteration % micro_ep.replacement_interval == 0:
+            moved = controller.step(model, optimizer, iteration)
+            print_rank_0(f" MicroEP re-placement check [iteration {iteration}]: {len(moved)} layer(s) re-placed, "
+                         f"{sum(r.moves for r in moved)} slots moved, {sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
+                         f"{max((r.ms for r in moved), default=0.0):.1f} ms")
+        return result
+
+    training.post_training_step_callbacks = with_replacement
+
+
+def _convert_mtp_layers(micro_ep) -> None:
+    """Make the MoE layers of the multi-token-prediction block MicroMoELayers too.
+
+    Megatron's ``GPTModelConfig.build_model`` derives the MTP block spec itself, from its default
+    decoder layer spec (``megatron.training.models.gpt.mtp_block_spec``), not from
+    ``transformer_layer_spec``; there is no extension point for it, so the launcher wraps that one
+    function (looked up at call time by ``build_model``). Without this the MTP MoE layer would run
+    as a stock MoELayer over the d x EP group: a different model.
+    """
+    from megatron.training.models import gpt
+
+    from ..mcore.layer import use_micro_ep
+
+    original = gpt.mtp_block_spec
+    if getattr(original, "micro_ep", None) is not None:
+        original = original.__wrapped__
+
+    @functools.wraps(original)
+    def mtp_block_spec(*args, **kwargs):
+        return use_micro_ep(original(*args, **kwargs), micro_ep)
+
+    mtp_block_spec.micro_ep = micro_ep
+    gpt.mtp_block_spec = mtp_block_spec
 
 
 def main(argv=None) -> None:

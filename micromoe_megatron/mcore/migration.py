@@ -1,0 +1,410 @@
+"""Live migration of expert slots between two placements of one MoE layer (paper Sec. 6.4).
+
+Given a layer's current and new ``Placement`` (any valid slot tables over the same ``F`` GPUs and
+``L`` slots, replica counts may differ), every rank's slot ``j`` must end up holding the weights and
+optimizer state of logical expert ``new.phy2log[rank, j]``, exactly as they were before: the model
+and the optimizer are unchanged, only where they live moves.
+
+* ``plan_migration`` (pure numpy, identical on every rank): the slot moves. A slot whose expert stays
+  put is not touched; a changed slot copies from a holder of its new expert in the old placement,
+  preferring one whose slot does not change (never overwritten), then the rank itself (no traffic).
+  Sends are spread over the candidate holders. Moves are sequenced in rounds: each rank sends at most one slot and receives at most one per round,
+  and no slot is overwritten while a later move still reads it; a cycle of moves (a swap) is broken
+  by stashing one slot's payload (a "parallel copy" sequentialisation).
+* ``SlotState``: reads/writes one slot's full payload ``[Q, n]`` (row 0 the fp32 weights, then each
+  per-element Adam state, e.g. ``exp_avg``, ``exp_avg_sq``) from Megatron's optimizers:
+
+  - plain ``FP32Optimizer``: torch Adam state keyed by the model parameter, local.
+  - ``DistributedOptimizer`` (fp32): main params are views of the model params' shards and the Adam
+    state covers only this rank's shard of Megatron's buffer, sharded over the expert-data-parallel
+    (EDP) group. Slot ``j`` of every MicroEP rank sits at the same buffer offsets (identical
+    layouts), but shard boundaries fall anywhere inside a slot, so slot ``j`` and slot ``j'`` are
+    not split alike: the source gathers the slot's full state over its EDP group (each rank
+    contributes its shard piece) and the destination keeps its own piece of slot ``j'``. Every EDP
+    replica of the MicroEP group runs the same plan at the same time, so the gathers line up.
+
+  Adam's ``step`` is not moved: Megatron steps every expert parameter of an optimizer together, so
+  source and destination hold the same count (the round-trip test checks it). Gradients
+  (``main_grad``, views of DDP's grad buffer) are not moved: they are zeroed before the next step.
+
+Peak extra memory per rank: one payload sent plus one received per round (each one slot's weights
+and Adam state), plus a stashed payload while a cycle is broken, and for the distributed optimizer
+the EDP gather buffer (about one slot). Nothing layer-sized is ever copied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.placement import Placement
+
+STASH = -1  # a move's src_slot when it reads a stashed payload, its dst_slot when it stashes one
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Copy logical ``expert``'s payload from (src_rank, src_slot) to (dst_rank, dst_slot).
+
+    ``src_slot == STASH``: read the payload stashed on src_rank for ``stash_of`` instead of a slot.
+    ``dst_slot == STASH``: keep the payload of (src_rank, src_slot) on that rank (a local stash).
+    """
+
+    expert: int
+    src_rank: int
+    src_slot: int
+    dst_rank: int
+    dst_slot: int
+    stash_of: int = -1  # the slot whose payload was stashed (for STASH moves)
+
+    @property
+    def local(self) -> bool:
+        return self.src_rank == self.dst_rank
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """Rounds of moves (see the module docstring); ``changed`` is bool ``[F, L]``."""
+
+    rounds: tuple[tuple[SlotMove, ...], ...]
+    changed: np.ndarray
+
+    @property
+    def moves(self) -> list[SlotMove]:
+        return [m for r in self.rounds for m in r if m.dst_slot != STASH]
+
+    @property
+    def remote_moves(self) -> int:
+        """Slot payloads sent between ranks of the MicroEP group."""
+        return sum(not m.local for m in self.moves)
+
+
+def _pick_source(old: Placement, changed: np.ndarray, rank: int, expert: int, sends: Counter) -> tuple[int, int]:
+    """A holder of ``expert`` in ``old`` to copy from: one whose slot stays (never overwritten) if any,
+    the destination itself if it can (no traffic), else the holder with the fewest sends so far
+    (each rank sends one slot per round, so balanced sends mean fewer rounds)."""
+    slot = int(old.expert_slot[expert])
+    holders = old.holders[expert]
+    candidates = [h for h in holders if not changed[h, slot]] or list(holders)
+    if rank in candidates:
+        return rank, slot
+    source = min(candidates, key=lambda h: (sends[h], h))
+    sends[source] += 1
+    return source, slot
+
+
+def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
+    """The slot moves that turn ``old`` into ``new``; pure and deterministic (same on every rank).
+
+    Args:
+        old, new: placements over the same ``F`` GPUs x ``L`` slots and ``E`` experts.
+    Raises:
+        ValueError: the placements do not have the same shape or expert count.
+    """
+    if old.phy2log.shape != new.phy2log.shape or old.num_experts != new.num_experts:
+        raise ValueError(f"cannot migrate between placements of {old.phy2log.shape} / {old.num_experts} experts "
+                         f"and {new.phy2log.shape} / {new.num_experts} experts")
+    changed = old.phy2log != new.phy2log
+    pending, sends = [], Counter()
+    for g, j in zip(*np.nonzero(changed)):
+        expert = int(new.phy2log[g, j])
+        src_rank, src_slot = _pick_source(old, changed, int(g), expert, sends)
+        pending.append(SlotMove(expert, src_rank, src_slot, int(g), int(j)))
+
+    reads = Counter((m.src_rank, m.src_slot) for m in pending)  # pending reads per slot
+
+    def changed_source(move: SlotMove) -> bool:
+        return move.src_slot != STASH and bool(changed[move.src_rank, move.src_slot])
+
+    rounds = []
+    while pending:
+        sending, receiving, chosen = set(), set(), []
+        # Moves that read a slot about to change go first: they unblock the writes into it.
+        for move in sorted(pending, key=lambda m: not changed_source(m)):
+            if reads[move.dst_rank, move.dst_slot] or move.src_rank in sending or move.dst_rank in receiving:
+                continue
+            chosen.append(move)
+            sending.add(move.src_rank)
+            receiving.add(move.dst_rank)
+        if not chosen:  # every remaining move overwrites a slot still to be read: a cycle
+            blocked = (pending[0].dst_rank, pending[0].dst_slot)
+            stash = SlotMove(int(old.phy2log[blocked]), blocked[0], blocked[1], blocked[0], STASH,
+                             stash_of=blocked[1])
+            pending = [SlotMove(m.expert, m.src_rank, STASH, m.dst_rank, m.dst_slot, stash_of=m.src_slot)
+                       if (m.src_rank, m.src_slot) == blocked else m for m in pending]
+            reads[blocked] = 0
+            chosen = [stash]
+        else:
+            taken = set(map(id, chosen))
+            pending = [m for m in pending if id(m) not in taken]
+            for m in chosen:
+                if m.src_slot != STASH:
+                    reads[m.src_rank, m.src_slot] -= 1
+        rounds.append(tuple(chosen))
+    changed.setflags(write=False)
+    return MigrationPlan(tuple(rounds), changed)
+
+
+# ---------------------------------------------------------------- optimizer state of one slot
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+class MigrationError(RuntimeError):
+    """The optimizer or parameters are of a kind migration does not support; names the fix."""
+
+
+class SlotState:
+    """Read and write the full payload ``[Q, n]`` of one layer's slots (weights + Adam state).
+
+    Args:
+        slots: ``[L][params]`` this rank's slot parameters (``replicas.slot_parameters``).
+        optimizer: Megatron's optimizer (``ChainedOptimizer``, ``FP32Optimizer`` or fp32
+            ``DistributedOptimizer``), or None to move weights only.
+    Raises:
+        MigrationError: fp16/bf16 parameters, a precision-aware or offloading optimizer.
+    """
+
+    def __init__(self, slots: list[list[torch.nn.Parameter]], optimizer=None):
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.optimizer.optimizer import FP32Optimizer
+
+        self.slots = slots
+        self.numel = sum(p.numel() for p in slots[0])
+        if any(sum(p.numel() for p in params) != self.numel for params in slots):
+            raise MigrationError("expert slots of one layer have different sizes; migration needs equal slots")
+        if any(p.dtype != torch.float32 for params in slots for p in params):
+            raise MigrationError("expert re-placement moves fp32 parameters only; run without --bf16/--fp16 or "
+                                 "without --micro-ep-replacement-interval")
+        first = slots[0][0]
+        self.optimizer, self.distributed = None, False
+        for inner in _inner_optimizers(optimizer) if optimizer is not None else []:
+            if isinstance(inner, DistributedOptimizer):
+                if any(first in buffer.param_index_map for buffer in inner.buffers):
+                    if inner.config.use_precision_aware_optimizer or inner.config.optimizer_cpu_offload:
+                        raise MigrationError("expert re-placement does not support --use-precision-aware-optimizer "
+                                             "or --optimizer-cpu-offload; drop them or the re-placement flags")
+                    self.optimizer, self.distributed = inner, True
+            elif isinstance(inner, FP32Optimizer):
+                if any(first is p for group in inner.optimizer.param_groups for p in group["params"]):
+                    self.optimizer = inner
+            elif any(first is p for group in getattr(inner, "param_groups", ()) for p in group["params"]):
+                raise MigrationError(f"expert re-placement supports Megatron's fp32 optimizers, not "
+                                     f"{type(inner).__name__}; drop the re-placement flags")
+        if optimizer is not None and self.optimizer is None:
+            raise MigrationError("the optimizer does not hold this layer's expert parameters; pass the model's "
+                                 "Megatron optimizer to the re-placement controller")
+        self.shard = {}  # model param -> (optimizer param, start, end) of this rank's shard of it
+        if self.distributed:
+            shards = {id(m): s for mg, sg in zip(self.optimizer.model_fp32_groups, self.optimizer.shard_fp32_groups)
+                      for m, s in zip(mg, sg)}
+            for params in slots:
+                for p in params:
+                    if p in self.optimizer.model_param_gbuf_map:
+                        r = self.optimizer._get_model_param_range_map(p)["param"]
+                        self.shard[p] = (shards[id(p)], r.start, r.end)
+            self.edp_group = self.optimizer.data_parallel_group
+        else:
+            for params in slots:
+                for p in params:
+                    self.shard[p] = (p, 0, p.numel())
+        self.keys = self._state_keys()
+        self.rows = 1 + len(self.keys)
+        if self.distributed and dist.get_world_size(self.edp_group) > 1:
+            # A rank whose shard holds none of this layer sees no state entries; the gather's shapes
+            # must still agree over the EDP group.
+            rows = torch.tensor([self.rows], dtype=torch.int64, device=first.device)
+            dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.edp_group)
+            if self.keys and int(rows) != self.rows:
+                raise MigrationError(f"optimizer state entries {self.keys} differ across the expert-data-parallel "
+                                     "group; re-place only after every rank's optimizer has stepped")
+            self.rows = int(rows)
+
+    def _state_keys(self) -> tuple[str, ...]:
+        """Per-element optimizer state entries of this rank's shard (``exp_avg``, ``exp_avg_sq``)."""
+        if self.optimizer is None:
+            return ()
+        state = self.optimizer.optimizer.state
+        keys: set[str] = set()
+        for opt_param, start, end in self.shard.values():
+            for key, value in state.get(opt_param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == end - start:
+                    keys.add(key)
+        return tuple(sorted(keys))
+
+    def payload_bytes(self) -> int:
+        return self.rows * self.numel * 4
+
+    def _pieces(self, params):
+        """[(offset in slot, param, opt param, start, end)] of this rank's shard of ``params``."""
+        offset, out = 0, []
+        for p in params:
+            if p in self.shard:
+                opt_param, start, end = self.shard[p]
+                if end > start:
+                    out.append((offset, p, opt_param, start, end))
+            offset += p.numel()
+        return out
+
+    def _local_piece(self, params) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        state = self.optimizer.optimizer.state if self.optimizer is not None else {}
+        pieces = self._pieces(params)
+        if not pieces:
+            return params[0].new_empty(self.rows, 0), []
+        rows = []
+        for key in (None, *self.keys):
+            parts = [p.detach().view(-1)[start:end] if key is None else state[opt_param][key].view(-1)
+                     for _, p, opt_param, start, end in pieces]
+            rows.append(torch.cat(parts) if parts else params[0].new_empty(0))
+        ranges = [(offset + start, offset + end) for offset, _, _, start, end in pieces]
+        return torch.stack(rows), ranges
+
+    @torch.no_grad()
+    def read(self, slot: int) -> torch.Tensor:
+        """This slot's full payload, float32 ``[Q, n]`` (a collective over the EDP group when sharded)."""
+        params = self.slots[slot]
+        piece, ranges = self._local_piece(params)
+        if not self.distributed or dist.get_world_size(self.edp_group) == 1:
+            if not self.distributed:
+                return piece
+            full = piece.new_zeros(self.rows, self.numel)
+            cursor = 0
+            for a, b in ranges:
+                full[:, a:b] = piece[:, cursor:cursor + b - a]
+                cursor += b - a
+            return full
+        return self._gather(piece, ranges)
+
+    def _gather(self, piece: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        group, size = self.edp_group, dist.get_world_size(self.edp_group)
+        device = piece.device
+        # Everyone's ranges (at most one per parameter): [size, P, 2], -1 padded.
+        num_params = len(self.slots[0])
+        mine = torch.full((num_params, 2), -1, dtype=torch.int64, device=device)
+        if ranges:
+            mine[:len(ranges)] = torch.tensor(ranges, dtype=torch.int64, device=device)
+        all_ranges = torch.empty(size * num_params, 2, dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(all_ranges, mine, group=group)
+        all_ranges = all_ranges.view(size, num_params, 2).cpu().numpy()
+        lengths = [int(np.where(r[:, 0] >= 0, r[:, 1] - r[:, 0], 0).sum()) for r in all_ranges]
+        width = max(max(lengths), 1)
+        padded = piece.new_zeros(self.rows, width)
+        padded[:, :piece.shape[1]] = piece
+        gathered = piece.new_empty(size * self.rows, width)
+        dist.all_gather_into_tensor(gathered, padded, group=group)
+        gathered = gathered.view(size, self.rows, width)
+        full = piece.new_zeros(self.rows, self.numel)
+        for r in range(size):
+            cursor = 0
+            for a, b in all_ranges[r]:
+                if a < 0:
+                    continue
+                full[:, a:b] = gathered[r, :, cursor:cursor + b - a]
+                cursor += b - a
+        return full
+
+    @torch.no_grad()
+    def write(self, slot: int, payload: torch.Tensor) -> None:
+        """Make ``slot`` hold ``payload`` ``[Q, n]``: all its weights, this rank's shard of its state."""
+        params = self.slots[slot]
+        offset = 0
+        for p in params:
+            p.data.view(-1).copy_(payload[0, offset:offset + p.numel()])
+            offset += p.numel()
+        if self.optimizer is None:
+            return
+        state = self.optimizer.optimizer.state
+        for offset, _, opt_param, start, end in self._pieces(params):
+            for row, key in enumerate(self.keys, start=1):
+                state[opt_param][key].view(-1).copy_(payload[row, offset + start:offset + end])
+
+    def copy_shared_marks(self) -> None:
+        """The distributed optimizer's shard params carry their model param's ``shared`` mark."""
+        for p, (opt_param, _, _) in self.shard.items():
+            if opt_param is not p:
+                opt_param.shared = getattr(p, "shared", False)
+
+
+# ---------------------------------------------------------------- execution
+
+
+@dataclass
+class MigrationResult:
+    """One layer's migration: moves done, payloads sent between ranks, bytes those payloads carried in
+    the MicroEP group (identical on every rank: from the plan; the distributed optimizer's EDP gathers
+    come on top), and this rank's wall time."""
+
+    moves: int
+    remote_moves: int
+    bytes_moved: int
+    ms: float
+
+
+@torch.no_grad()
+def execute_plan(plan: MigrationPlan, state: SlotState, rank: int, group) -> None:
+    """Run ``plan``'s rounds on this rank (collective over ``group``, the MicroEP group)."""
+    world = dist.get_world_size(group)
+    stash: dict[int, torch.Tensor] = {}
+    n = state.rows * state.numel
+    for moves in plan.rounds:
+        outgoing, incoming = None, None
+        for m in moves:
+            if m.src_rank != rank:
+                continue
+            payload = stash.pop(m.stash_of) if m.src_slot == STASH else state.read(m.src_slot)
+            if m.dst_slot == STASH:
+                stash[m.stash_of] = payload
+            elif m.local:
+                incoming = (m.dst_slot, payload)
+            else:
+                outgoing = (m.dst_rank, payload)
+        receiver = next((m for m in moves if m.dst_rank == rank and not m.local), None)
+        remote = [m for m in moves if not m.local]
+        if remote:
+            send_splits = [n if outgoing is not None and outgoing[0] == g else 0 for g in range(world)]
+            recv_splits = [n if receiver is not None and receiver.src_rank == g else 0 for g in range(world)]
+            reference = state.slots[0][0]
+            send = outgoing[1].reshape(-1) if outgoing is not None else reference.new_empty(0)
+            received = reference.new_empty(sum(recv_splits))
+            dist.all_to_all_single(received, send, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                   group=group)
+            if receiver is not None:
+                incoming = (receiver.dst_slot, received.view(state.rows, state.numel))
+        if incoming is not None:
+            state.write(*incoming)
+    if stash:
+        raise RuntimeError(f"migration plan left payloads stashed for slots {sorted(stash)}")
+
+
+def migrate_layer(layer, new: Placement, optimizer=None) -> MigrationResult:
+    """Move ``layer``'s expert slots (a MicroMoELayer) and optimizer state to ``new``, then switch the
+    layer's placement (dispatcher scheduler, tables) and its slots' ``shared`` marks.
+
+    Call between iterations (after ``optimizer.step()``, before the next forward) on every rank of
+    the model at once; every rank must pass the same ``new``. Raises MigrationError (see SlotState).
+    """
+    from .replicas import slot_parameters
+
+    start = time.perf_counter()
+    group = layer.token_dispatcher.ep_group
+    rank = dist.get_rank(group)
+    slots = slot_parameters(layer.experts, layer.num_local_experts)
+    state = SlotState(slots, optimizer)
+    plan = plan_migration(layer.placement, new)
+    execute_plan(plan, state, rank, group)
+    layer.set_placement(new)
+    peers = new.slot_peers(rank)
+    for j, params in enumerate(slots):
+        for p in params:
+            p.shared = not peers.is_canonical(j)
+    state.copy_shared_marks()
+    return MigrationResult(moves=len(plan.moves), remote_moves=plan.remote_moves,
+                           bytes_moved=plan.remote_moves * state.payload_bytes(),
+                           ms=1e3 * (time.perf_counter() - start))
