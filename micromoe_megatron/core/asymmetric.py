@@ -25,46 +25,18 @@ placement from the same forecast.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import highspy
 import numpy as np
 
+from .highs import new_highs
 from .placement import Placement, PlacementError
 
 # Stop searching once the worst scenario is this close to perfect balance: the last 0.1% is below
 # the integer rounding and sampling noise of real micro-batches, and costs many LP solves.
 GOOD_ENOUGH = 1.001
-
-
-def new_highs(lp: highspy.HighsLp) -> highspy.Highs:
-    """A quiet, single-threaded dual-simplex HiGHS holding ``lp`` (deterministic solves)."""
-    with _quiet_stdout():
-        highs = highspy.Highs()
-    for name, value in (("output_flag", False), ("threads", 1), ("presolve", "off"),
-                        ("solver", "simplex"), ("simplex_strategy", 1)):
-        highs.setOptionValue(name, value)
-    highs.passModel(lp)
-    return highs
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """Silence C-level stdout: ``highspy.Highs()`` prints a banner before options can be set."""
-    try:
-        fd = os.dup(1)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(fd, 1)
-        os.close(fd)
 
 
 def _check_forecast(forecast, num_gpus: int, slots_per_gpu: int) -> np.ndarray:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
-from .asymmetric import GOOD_ENOUGH, ScenarioScore, asymmetric_placement, improve_table, new_highs, placement_optimum
+from .asymmetric import GOOD_ENOUGH, ScenarioScore, asymmetric_placement, improve_table, placement_optimum
+from .highs import new_highs
 from .loads import validate_counts
 from .placement import Placement, PlacementError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import highspy
 import numpy as np
 
+from .highs import new_highs
 from .placement import pad_holders
 
 
@@ -37,10 +38,7 @@ def _solve(cost, col_upper, rows, cols, row_lower, row_upper) -> np.ndarray:
     lp.a_matrix_.start_ = np.searchsorted(cols[order], np.arange(num_col + 1)).astype(np.int32)
     lp.a_matrix_.index_ = rows[order].astype(np.int32)
     lp.a_matrix_.value_ = values[order]
-    highs = highspy.Highs()
-    highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("threads", 1)
-    highs.passModel(lp)
+    highs = new_highs(lp, (("output_flag", False), ("threads", 1)))
     highs.run()
     if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         raise RuntimeError(f"reference LP: {highs.modelStatusToString(highs.getModelStatus())}")

@@ -24,15 +24,14 @@ which is unique. Tests use HiGHS as the reference for ``T`` and for the fewest r
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import highspy
 import numpy as np
 
+from .highs import new_highs
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
 from .quota import PlanWorkLimit, QuotaPlanner
@@ -119,23 +118,6 @@ class SchedulePlan:
 
 class SolverFailure(RuntimeError):
     """The planner or the LP did not give a usable answer (error, work limit, inconsistency)."""
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """Silence C-level stdout: ``highspy.Highs()`` prints a banner before options can be set."""
-    try:
-        fd = os.dup(1)
-    except OSError:  # no real stdout (e.g. captured by a harness): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(fd, 1)
-        os.close(fd)
 
 
 class ReplicaScheduler:
@@ -288,13 +270,7 @@ class ReplicaScheduler:
         lp.a_matrix_.start_ = np.asarray(start, dtype=np.int32)
         lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
         lp.a_matrix_.value_ = np.asarray(value, dtype=np.float64)
-        with _quiet_stdout():
-            highs = highspy.Highs()
-        for name, option in (("output_flag", False), ("threads", 1), ("presolve", "off"),
-                             ("solver", "simplex"), ("simplex_strategy", 1)):
-            highs.setOptionValue(name, option)
-        highs.passModel(lp)
-        return highs
+        return new_highs(lp)
 
     def _solve_lp(self, load: np.ndarray) -> float:
         """HiGHS's LP optimum t* for expert loads ``[E]``. Raises SolverFailure without an optimum."""
