@@ -85,12 +85,23 @@ def _release_groups() -> None:
 
 
 class RankPool:
-    """``world_size`` spawned gloo ranks that run ``module:function`` targets until ``close()``."""
+    """``world_size`` spawned gloo ranks that run ``module:function`` targets until ``close()``.
 
-    def __init__(self, world_size: int = 4, timeout_s: float = 600.0):
-        self.world_size, self.timeout_s = world_size, timeout_s
+    Args:
+        max_tasks: restart the ranks after this many tasks (None: never). Every task that builds a
+            Megatron DDP model leaves gloo threads behind (~70 per rank here); hundreds of idle ones
+            load a 2-core machine noticeably, so long test modules recycle their ranks.
+    A pool broken by a hang restarts before its next task instead of failing every later one.
+    """
+
+    def __init__(self, world_size: int = 4, timeout_s: float = 600.0, max_tasks: int | None = None):
+        self.world_size, self.timeout_s, self.max_tasks = world_size, timeout_s, max_tasks
+        self._start()
+
+    def _start(self) -> None:
         # Not daemonic: Megatron's checkpoint writer starts helper processes. Workers exit on
         # close() or when they notice their parent is gone.
+        world_size = self.world_size
         context = mp.get_context("spawn")
         self._tasks = [context.Queue() for _ in range(world_size)]
         self._results = context.Queue()
@@ -100,10 +111,13 @@ class RankPool:
         for proc in self._procs:
             proc.start()
         self.broken = False
+        self.tasks_run = 0
 
     def run(self, target: str, **kwargs) -> list:
-        if self.broken:
-            raise RuntimeError("the rank pool is broken by an earlier hang; rerun the tests")
+        if self.broken or (self.max_tasks and self.tasks_run >= self.max_tasks):
+            self.close()
+            self._start()
+        self.tasks_run += 1
         for q in self._tasks:
             q.put((target, kwargs))
         results, failures = [None] * self.world_size, []
