@@ -110,3 +110,17 @@ def test_eq3_bound_on_hand_made_cases():
     assert placement.max_induced_density([(0, 1), (1, 2)], [12, 0], 3) == 6.0
     with pytest.raises(ValueError, match="F=17"):
         placement.max_induced_density([(0,)], [1], 17)
+
+
+@pytest.mark.parametrize("source, experts, message", [
+    ({"phy2log": [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6]]}, 8, "equally long lists"),
+    ({"phy2log": [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 9]]}, 8, r"outside \[0, 8\)"),
+])
+def test_bad_custom_placement_files_are_named(source, experts, message):
+    with pytest.raises(placement.PlacementError, match=message):
+        placement.custom(source, experts)
+
+
+def test_negative_random_seed_is_refused():
+    with pytest.raises(placement.PlacementError, match="seed must be an integer >= 0"):
+        placement.random(4, 8, 2, seed=-1)

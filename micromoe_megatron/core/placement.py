@@ -277,15 +277,19 @@ def symmetric(num_gpus: int, num_experts: int, replicas: int) -> Placement:
 def random(num_gpus: int, num_experts: int, replicas: int, seed: int = 0) -> Placement:
     """A seeded random placement: per slot, a random partition of the GPUs into groups of ``replicas``."""
     slots = _check_layout(num_gpus, num_experts, replicas)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PlacementError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     groups = [[tuple(p) for p in rng.permutation(num_gpus).reshape(-1, replicas)] for _ in range(slots)]
     return Placement(_groups_to_table(num_gpus, groups), num_experts)
 
 
-def custom(source: str | Path | dict) -> Placement:
+def custom(source: str | Path | dict, num_experts: int | None = None) -> Placement:
     """A placement from a JSON file (or dict) with ``phy2log`` (``[F][L]`` expert ids).
 
     Any replica count per expert is allowed, as long as all holders of an expert share a slot index.
+    ``num_experts``: the expected E (ids outside ``[0, E)`` are named as such); default: the file's
+    ``num_experts``, else the largest id + 1. Raises PlacementError.
     """
     if not isinstance(source, dict):
         try:
@@ -294,8 +298,13 @@ def custom(source: str | Path | dict) -> Placement:
             raise PlacementError(f"cannot read placement file {source}: {exc}") from exc
     if "phy2log" not in source:
         raise PlacementError("custom placement needs a 'phy2log' field: [[expert per slot] per GPU]")
-    table = np.asarray(source["phy2log"])
-    num_experts = int(source.get("num_experts", table.max() + 1 if table.size else 0))
+    rows = source["phy2log"]
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows) \
+            or len({len(row) for row in rows}) > 1:
+        raise PlacementError("phy2log must be a [gpus][slots] table: a list of equally long lists of expert ids")
+    table = np.asarray(rows)
+    if num_experts is None:
+        num_experts = int(source.get("num_experts", table.max() + 1 if table.size else 0))
     return Placement(table, num_experts)
 
 
@@ -309,7 +318,7 @@ def make_placement(kind: str, num_gpus: int, num_experts: int, replicas: int, se
     if kind == "custom":
         if path is None:
             raise PlacementError("placement kind 'custom' needs a placement file (phy2log JSON)")
-        placement = custom(path)
+        placement = custom(path, num_experts)
         if (placement.num_gpus, placement.num_experts) != (num_gpus, num_experts):
             raise PlacementError(
                 f"placement file has {placement.num_gpus} GPUs x {placement.num_experts} experts, "
