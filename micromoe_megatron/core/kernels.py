@@ -288,68 +288,85 @@ def _fill(row, demand, first, last, holders, count, routed, base):  # pragma: no
 
 
 @njit(cache=True, nogil=True)
-def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
+def _route_expert(tokens, e, quota, holder_table, node, row, demand, holders, routed, base):  # pragma: no cover
+    """Paper Algorithm 1 for expert ``e``: pair its tokens (``tokens[:, e]``, copied into the
+    scratch ``row [F]`` and consumed) with its quota, local first, then same node (``node`` GPUs
+    per node), then anywhere. Adds the pairs to ``routed[base + j, source]`` (``j``: holder
+    index in ``holder_table[e]``). Returns the tokens plus quota left unpaired (0 when the quota
+    row sums to the load and sits on the holders)."""
+    num_gpus = row.size
+    num_holders = holder_table.shape[1]
+    for s in range(num_gpus):
+        row[s] = tokens[s, e]
+    for j in range(num_holders):
+        g = holder_table[e, j]
+        demand[j] = quota[e, g] if g >= 0 else 0
+        if g >= 0:                                                    # tier 1: already there
+            local = min(row[g], demand[j])
+            routed[base + j, g] += local
+            row[g] -= local
+            demand[j] -= local
+    if node < num_gpus:                                               # tier 2: same node
+        for j0 in range(num_holders):                                 # each holder's node once
+            g0 = holder_table[e, j0]
+            if g0 < 0:
+                continue
+            first = g0 // node * node
+            repeated = False
+            for j in range(j0):
+                if first <= holder_table[e, j] < first + node:
+                    repeated = True
+            if repeated:
+                continue
+            count = 0
+            for j in range(j0, num_holders):
+                if first <= holder_table[e, j] < first + node:
+                    holders[count] = j
+                    count += 1
+            _fill(row, demand, first, first + node, holders, count, routed, base)
+    count = 0                                                         # tier 3: anywhere
+    for j in range(num_holders):
+        if holder_table[e, j] >= 0:
+            holders[count] = j
+            count += 1
+    _fill(row, demand, 0, num_gpus, holders, count, routed, base)
+    left = np.int64(0)
+    for s in range(num_gpus):
+        left += row[s]
+    for j in range(num_holders):
+        left += demand[j]
+    return left
+
+
+@njit(cache=True, nogil=True)
+def _route_status(tokens, e, quota):  # pragma: no cover - compiled
+    """Why expert ``e`` could not be routed: ``UNCOVERED`` (its quota row does not sum to its
+    load) or ``LOST`` (quota off its holders)."""
+    total = np.int64(0)
+    for s in range(tokens.shape[0]):
+        total += tokens[s, e]
+    for g in range(quota.shape[1]):
+        total -= quota[e, g]
+    return UNCOVERED if total else LOST
+
+
+@njit(cache=True, nogil=True)
+def route(tokens, quota, holder_table, gpus_per_node):  # pragma: no cover - compiled
     """Routes ``[R, 4]`` (src, expert, dst, count) sorted by (src, expert, holder order), and a
     status: 0, ``UNCOVERED`` (quota rows do not sum to the loads) or ``LOST`` (quota off the
-    holders left tokens unrouted); see ``core.routing.route_tokens``. ``supply [E, F]`` (the
-    counts transposed, consumed in place); ``gpus_per_node <= 0``: one node."""
-    num_experts, num_gpus = supply.shape
+    holders left tokens unrouted); see ``core.routing.route_tokens``. ``tokens [F, E]`` (read
+    only); ``gpus_per_node <= 0``: one node."""
+    num_gpus, num_experts = tokens.shape
     num_holders = holder_table.shape[1]
     node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
     demand = np.zeros(num_holders, dtype=np.int64)
     holders = np.empty(num_holders, dtype=np.int64)
+    row = np.empty(num_gpus, dtype=np.int64)
     # [(expert, holder), source]: each expert's fills write along its own D contiguous rows.
     routed = np.zeros((num_experts * num_holders, num_gpus), dtype=np.int64)
     for e in range(num_experts):
-        row = supply[e]
-        base = e * num_holders
-        for j in range(num_holders):
-            g = holder_table[e, j]
-            demand[j] = quota[e, g] if g >= 0 else 0
-            if g >= 0:                                                # tier 1: already there
-                local = min(row[g], demand[j])
-                routed[base + j, g] = local
-                row[g] -= local
-                demand[j] -= local
-        if node < num_gpus:                                           # tier 2: same node
-            for j0 in range(num_holders):                             # each holder's node once
-                g0 = holder_table[e, j0]
-                if g0 < 0:
-                    continue
-                first = g0 // node * node
-                repeated = False
-                for j in range(j0):
-                    if first <= holder_table[e, j] < first + node:
-                        repeated = True
-                if repeated:
-                    continue
-                count = 0
-                for j in range(j0, num_holders):
-                    if first <= holder_table[e, j] < first + node:
-                        holders[count] = j
-                        count += 1
-                _fill(row, demand, first, first + node, holders, count, routed, base)
-        count = 0                                                     # tier 3: anywhere
-        for j in range(num_holders):
-            if holder_table[e, j] >= 0:
-                holders[count] = j
-                count += 1
-        _fill(row, demand, 0, num_gpus, holders, count, routed, base)
-        left = np.int64(0)
-        for s in range(num_gpus):
-            left += row[s]
-        for j in range(num_holders):
-            left += demand[j]
-        if left:  # tokens or quota left over: say which input was wrong
-            total = np.int64(0)
-            for k in range(base, base + num_holders):
-                for s in range(num_gpus):
-                    total += routed[k, s]
-            for s in range(num_gpus):
-                total += row[s]
-            for g in range(quota.shape[1]):
-                total -= quota[e, g]
-            return np.zeros((0, 4), dtype=np.int64), UNCOVERED if total else LOST
+        if _route_expert(tokens, e, quota, holder_table, node, row, demand, holders, routed, e * num_holders):
+            return np.zeros((0, 4), dtype=np.int64), _route_status(tokens, e, quota)
     # Counting sort by source; scanning (expert, holder) rows in order keeps each source's rows
     # sorted by (expert, holder).
     offset = np.zeros(num_gpus + 1, dtype=np.int64)
@@ -373,6 +390,165 @@ def route(supply, quota, holder_table, gpus_per_node):  # pragma: no cover - com
                 routes[r, 3] = amount
                 offset[s] = r + 1
     return routes, 0
+
+
+@njit(cache=True, nogil=True)
+def _sent_by(tokens, e, quota, holder_table, node, rank, before, demand, holders, local, amount):  # pragma: no cover
+    """What ``rank`` sends of expert ``e`` to each holder (``amount [D]``, in place) when ``rank``
+    holds no replica of ``e``: ``_route_expert``'s pairs from ``rank``, computed from the holders'
+    nodes alone (O(D x node) instead of O(F)). ``before`` = tokens of ``e`` on sources below
+    ``rank``. Tiers 1 and 2 involve only sources in holder nodes and end before tier 3; tier 3
+    pairs ranges in source order, so ``rank``'s range starts at ``before`` minus what the sources
+    below it paired in tiers 1 and 2, against the holders' demand left after them."""
+    num_gpus = tokens.shape[0]
+    num_holders = holder_table.shape[1]
+    paired_before = np.int64(0)
+    for j in range(num_holders):                                      # tier 1
+        amount[j] = 0
+        g = holder_table[e, j]
+        demand[j] = quota[e, g] if g >= 0 else 0
+        local[j] = 0
+        if g >= 0:
+            local[j] = min(tokens[g, e], demand[j])
+            demand[j] -= local[j]
+            if g < rank:
+                paired_before += local[j]
+    left = tokens[rank, e]
+    if node < num_gpus:                                               # tier 2: holder nodes only
+        for j0 in range(num_holders):
+            g0 = holder_table[e, j0]
+            if g0 < 0:
+                continue
+            first = g0 // node * node
+            repeated = False
+            for j in range(j0):
+                if first <= holder_table[e, j] < first + node:
+                    repeated = True
+            if repeated:
+                continue
+            count = 0
+            for j in range(j0, num_holders):
+                if first <= holder_table[e, j] < first + node:
+                    holders[count] = j
+                    count += 1
+            k = 0
+            for s in range(first, first + node):  # every source: tier 2 ends before tier 3 starts
+                supply = tokens[s, e]
+                for j in range(num_holders):
+                    if holder_table[e, j] == s:
+                        supply -= local[j]
+                while supply > 0 and k < count:
+                    j = holders[k]
+                    if demand[j] == 0:
+                        k += 1
+                        continue
+                    paired = min(supply, demand[j])
+                    supply -= paired
+                    demand[j] -= paired
+                    if s < rank:
+                        paired_before += paired
+                    elif s == rank:
+                        amount[j] += paired
+                        left -= paired
+                if k == count:
+                    break
+    start = before - paired_before                                    # tier 3: rank's range
+    position = np.int64(0)
+    for j in range(num_holders):
+        if holder_table[e, j] < 0:
+            continue
+        low = max(start, position)
+        high = min(start + left, position + demand[j])
+        if high > low:
+            amount[j] += high - low
+        position += demand[j]
+
+
+@njit(cache=True, nogil=True)
+def rank_route(tokens, quota, holder_table, gpus_per_node, rank):  # pragma: no cover - compiled
+    """The rows of ``route``'s output with ``src == rank`` and with ``dst == rank``, in the same
+    order, without building the others: ``(sent [S, 4], received [R, 4], status)`` (status as in
+    ``route``, checked for every expert). Experts held on ``rank`` are routed whole
+    (``_route_expert``), the others only for ``rank``'s own tokens (``_sent_by``)."""
+    num_gpus, num_experts = tokens.shape
+    num_holders = holder_table.shape[1]
+    node = gpus_per_node if 0 < gpus_per_node < num_gpus else num_gpus
+    load = np.zeros(num_experts, dtype=np.int64)
+    before = np.zeros(num_experts, dtype=np.int64)                   # tokens on sources < rank
+    for s in range(num_gpus):
+        if s == rank:
+            before[:] = load
+        for e in range(num_experts):
+            load[e] += tokens[s, e]
+    for e in range(num_experts):
+        covered = np.int64(0)
+        for j in range(num_holders):
+            if holder_table[e, j] >= 0:
+                covered += quota[e, holder_table[e, j]]
+        if covered != load[e]:
+            empty = np.zeros((0, 4), dtype=np.int64)
+            return empty, empty, _route_status(tokens, e, quota)
+    demand = np.zeros(num_holders, dtype=np.int64)
+    holders = np.empty(num_holders, dtype=np.int64)
+    local = np.empty(num_holders, dtype=np.int64)
+    amount = np.empty(num_holders, dtype=np.int64)
+    row = np.empty(num_gpus, dtype=np.int64)
+    routed = np.empty((num_holders, num_gpus), dtype=np.int64)          # one expert's pairs
+    sent = np.empty((num_experts * num_holders, 4), dtype=np.int64)
+    received = np.empty((num_experts * num_gpus, 4), dtype=np.int64)    # expert-major, sorted below
+    num_sent = num_received = 0
+    for e in range(num_experts):
+        mine = -1
+        for j in range(num_holders):
+            if holder_table[e, j] == rank:
+                mine = j
+        if mine >= 0:
+            routed[:, :] = 0
+            _route_expert(tokens, e, quota, holder_table, node, row, demand, holders, routed, 0)
+            for j in range(num_holders):
+                amount[j] = routed[j, rank]
+            for s in range(num_gpus):
+                if routed[mine, s] != 0:
+                    received[num_received, 0] = s
+                    received[num_received, 1] = e
+                    received[num_received, 2] = rank
+                    received[num_received, 3] = routed[mine, s]
+                    num_received += 1
+        elif tokens[rank, e] != 0:
+            _sent_by(tokens, e, quota, holder_table, node, rank, before[e], demand, holders, local, amount)
+        else:
+            continue
+        for j in range(num_holders):
+            if amount[j] != 0:
+                sent[num_sent, 0] = rank
+                sent[num_sent, 1] = e
+                sent[num_sent, 2] = holder_table[e, j]
+                sent[num_sent, 3] = amount[j]
+                num_sent += 1
+    # Stable counting sort of the received rows by source: (src, expert) order, as in ``route``.
+    offset = np.zeros(num_gpus + 1, dtype=np.int64)
+    for r in range(num_received):
+        offset[received[r, 0] + 1] += 1
+    for s in range(num_gpus):
+        offset[s + 1] += offset[s]
+    ordered = np.empty((num_received, 4), dtype=np.int64)
+    for r in range(num_received):
+        k = offset[received[r, 0]]
+        ordered[k, :] = received[r, :]
+        offset[received[r, 0]] = k + 1
+    return sent[:num_sent].copy(), ordered, 0
+
+
+@njit(cache=True, nogil=True)
+def local_tokens(tokens, quota):  # pragma: no cover - compiled
+    """Tokens a plan keeps on their own GPU: ``sum min(tokens[g, e], quota[e, g])`` (routing's tier 1
+    pairs exactly these; ``quota`` is 0 off the holders)."""
+    num_gpus, num_experts = tokens.shape
+    total = np.int64(0)
+    for g in range(num_gpus):
+        for e in range(num_experts):
+            total += min(tokens[g, e], quota[e, g])
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -470,22 +646,23 @@ def counts_ok(tokens):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def quota_error(quota, tokens, capacity):  # pragma: no cover - compiled
     """0 when ``quota [E, F]`` is >= 0, its rows sum to the expert loads of ``tokens [F, E]`` and
-    no GPU exceeds ``capacity``; 1 negative or wrong sums; 2 over capacity."""
+    no GPU exceeds ``capacity``; 1 negative or wrong sums; 2 over capacity. Row-major passes only."""
     num_experts, num_gpus = quota.shape
+    row = np.zeros(num_experts, dtype=np.int64)
+    for s in range(num_gpus):
+        for e in range(num_experts):
+            row[e] += tokens[s, e]
+    column = np.zeros(num_gpus, dtype=np.int64)
     for e in range(num_experts):
-        row = np.int64(0)
         for g in range(num_gpus):
-            if quota[e, g] < 0:
+            amount = quota[e, g]
+            if amount < 0:
                 return 1
-            row += quota[e, g]
-        for s in range(num_gpus):
-            row -= tokens[s, e]
-        if row != 0:
+            row[e] -= amount
+            column[g] += amount
+        if row[e] != 0:
             return 1
     for g in range(num_gpus):
-        column = np.int64(0)
-        for e in range(num_experts):
-            column += quota[e, g]
-        if column > capacity:
+        if column[g] > capacity:
             return 2
     return 0

@@ -6,7 +6,9 @@ Inputs (identical on every rank after the all-gather of counts):
 
 Outputs (``SchedulePlan``):
     quota[e, g]   int ``[E, F]``: tokens of expert ``e`` processed on GPU ``g`` (0 off holders).
-    routes        int ``[R, 4]`` rows ``(src, expert, dst, count)``, sorted, counts > 0.
+    routes        int ``[R, 4]`` rows ``(src, expert, dst, count)``, sorted, counts > 0: a pure
+                  function of (counts, quota, holders), built on demand (``plan.routes``), or only a
+                  rank's own rows (``plan.rank_routes(rank)``, what the dispatcher needs).
 
 A plan is a pure function of (placement, counts): ``core.quota`` finds the integer optimum of the
 paper's LPP 1, ``T = ceil(t*)``, with a certificate (a plan at ``T`` and a GPU subset of Eq. 3
@@ -24,6 +26,7 @@ which is unique. Tests use HiGHS as the reference for ``T`` and for the fewest r
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from .highs import new_highs
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
 from .quota import PlanWorkLimit, QuotaPlanner
-from .routing import route_tokens
+from .routing import rank_routes, route_tokens
 
 # t* is a ratio (integer load) / (subset size <= F), so it lies at least 1/F from any integer it is
 # not equal to; this tolerance only absorbs floating-point noise of the simplex.
@@ -52,11 +55,13 @@ class SchedulePlan:
     ``lp_optimum`` is HiGHS's LP optimum t* when the LP was solved (``lp_solved``), otherwise the
     certified lower bound on t*: the Eq. 3 density of the certificate GPU subset, whose ceiling is
     also ceil(t*) (NaN for a fallback plan). Either way ``max_load == ceil(lp_optimum)`` for a
-    plan that is not a fallback.
+    plan that is not a fallback. ``tokens [F, E]`` are the counts it was made from (its own copy)
+    and ``holder_table [E, D]`` the placement's holders: with ``quota`` they fix the routes.
     """
 
     quota: np.ndarray
-    routes: np.ndarray
+    tokens: np.ndarray
+    holder_table: np.ndarray
     lp_optimum: float
     fallback: bool = False
     fallback_reason: str = ""
@@ -84,11 +89,26 @@ class SchedulePlan:
         mean = self.mean_load
         return self.max_load / mean if mean else 1.0
 
-    @property
+    @functools.cached_property
+    def routes(self) -> np.ndarray:
+        """int64 ``[R, 4]`` rows ``(src, expert, dst, count)`` of every rank (``core.routing``)."""
+        return route_tokens(self.tokens, self.quota, self.holder_table, self.gpus_per_node)
+
+    def rank_routes(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(sent [S, 4], received [R, 4])``: the rows of ``routes`` with ``src == rank`` and with
+        ``dst == rank``, in order, computed without the other ranks' rows (``core.routing.rank_routes``)."""
+        if "routes" in self.__dict__:
+            routes = self.routes
+            return routes[routes[:, 0] == rank], routes[routes[:, 2] == rank]
+        return rank_routes(self.tokens, self.quota, self.holder_table, rank, self.gpus_per_node)
+
+    @functools.cached_property
     def remote_tokens(self) -> int:
-        """Tokens processed on a GPU other than the one they came from."""
-        src, dst, count = self.routes[:, 0], self.routes[:, 2], self.routes[:, 3]
-        return int(count[src != dst].sum())
+        """Tokens processed on a GPU other than the one they came from (routing keeps every token
+        it can local first, so this is the total minus ``sum min(tokens[g, e], quota[e, g])``)."""
+        from . import kernels
+
+        return int(self.tokens.sum()) - int(kernels.local_tokens(self.tokens, self.quota))
 
     @property
     def inter_node_tokens(self) -> int:
@@ -197,8 +217,8 @@ class ReplicaScheduler:
                 self.fallbacks += 1
                 fallback_reason = str(exc) or type(exc).__name__
                 quota, optimum, lp_solved = self._even_split_quota(tokens.sum(axis=0)), math.nan, False
-        routes = route_tokens(tokens, quota, self._holder_table, self.gpus_per_node)
-        return SchedulePlan(quota=quota, routes=routes, lp_optimum=optimum,
+        # Routes are built on demand from (tokens, quota): a copy, so the caller may reuse its buffer.
+        return SchedulePlan(quota=quota, tokens=tokens.copy(), holder_table=self._holder_table, lp_optimum=optimum,
                             fallback=bool(fallback_reason), fallback_reason=fallback_reason,
                             schedule_ms=(time.perf_counter() - start) * 1e3,
                             gpus_per_node=self.gpus_per_node, lp_solved=lp_solved,

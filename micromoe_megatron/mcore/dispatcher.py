@@ -75,8 +75,9 @@ class MicroEPStats:
 
 
 def plan_digest(plan: SchedulePlan) -> int:
-    """A 63-bit fingerprint of a plan's quota and routes (for the cross-rank check)."""
-    digest = hashlib.blake2b(plan.quota.tobytes() + plan.routes.tobytes(), digest_size=8).digest()
+    """A 63-bit fingerprint of a plan's counts and quota (for the cross-rank check; the routes are
+    a pure function of them and the placement)."""
+    digest = hashlib.blake2b(plan.tokens.tobytes() + plan.quota.tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -232,10 +233,7 @@ class MicroEPDispatcher(MoEAlltoAllTokenDispatcher):
         ``chunk_order [C]`` (chunk ids by destination slot) and their inverses for the combine.
         """
         slots = self.num_local_experts
-        routes = plan.routes
-        me = self.ep_rank
-        mine = routes[np.searchsorted(routes[:, 0], me, "left"):np.searchsorted(routes[:, 0], me, "right")]
-        to_me = routes[routes[:, 2] == me]
+        mine, to_me = plan.rank_routes(self.ep_rank)  # only this rank's rows, not all F ranks'
         # Routes are sorted by (src, expert, dst) and an expert's holders ascend, so this rank's
         # rows are its logical-permute blocks, each cut in holder order: chunk i = mine[i].
         destination_slot = mine[:, 2] * slots + self.placement.expert_slot[mine[:, 1]]

@@ -46,6 +46,9 @@ def bench_schedule(steps: int = 200, skews=SCHEDULE_SKEWS, shapes=SCHEDULE_SHAPE
                    progress=None) -> dict:
     """Per-layer planning time (host counts in -> plan out, Python included), p50 / p99, and traffic.
 
+    "Plan out" is what one rank's dispatcher needs: the quota and that rank's routes
+    (``plan.rank_routes``; the rank cycles over the steps), not every rank's routes.
+
     For every shape and Zipf skew, one scheduler plans ``steps`` micro-batches of a drifting load
     sequence. Times are CPU time of this process (``time.process_time``: a shared, busy host
     inflates wall-clock times but not these), after one warm-up plan; ``first_plan_s`` is the CPU
@@ -74,6 +77,7 @@ def bench_schedule(steps: int = 200, skews=SCHEDULE_SKEWS, shapes=SCHEDULE_SHAPE
             for step, tokens in enumerate(counts):
                 start = time.process_time()
                 plan = scheduler.plan(tokens)
+                plan.rank_routes(step % num_gpus)  # what each rank's dispatcher builds from the plan
                 times.append((time.process_time() - start) * 1e3)
                 start = time.process_time()
                 highs._solve_lp(tokens.sum(axis=0))
@@ -193,7 +197,7 @@ def _machine() -> str:
 
 
 def format_schedule(result: dict) -> str:
-    lines = [f"Planning CPU time per layer (ms, counts in -> plan out), {result['steps']} drifting steps, "
+    lines = [f"Planning CPU time per layer (ms, counts in -> quota and one rank's routes out), {result['steps']} drifting steps, "
              f"{result['tokens_per_gpu']} tokens/GPU, top-{result['top_k']}, {result['gpus_per_node']} GPUs/node; "
              f"{result['machine']}",
              f"{'GPUs':>5} {'experts':>7} {'d':>2} {'s':>4} | {'p50':>7} {'p99':>7} | {'HiGHS p50':>9} | "
