@@ -70,7 +70,8 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
     """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS). In place.
 
     Moving quota above a column's held tokens costs 0 (already remote), held tokens cost 1.
-    GPUs with spare capacity are targets in pop order; one BFS tree serves several augmentations.
+    GPUs with spare capacity are targets in pop order; one BFS tree serves several augmentations,
+    and the search stops as soon as the source's excess is gone.
     ``work_limit < 0``: unlimited. Returns ``(status, paths)``: ``DONE``; ``CUT`` with ``reached
     [F]`` set to the GPUs the BFS reached (closed, Eq. 3 density > capacity); or ``OVER_LIMIT``.
     """
@@ -88,9 +89,7 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
     par_step = np.empty(f, dtype=np.int64)
     seen = np.empty(f, dtype=np.bool_)
     done = np.empty(f, dtype=np.bool_)
-    targets = np.empty(f, dtype=np.int64)
-    path_c = np.empty(f, dtype=np.int64)
-    path_c2 = np.empty(f, dtype=np.int64)
+    snapshot = np.empty(quota.size, dtype=np.int64)
     paths = 0
     source = 0
     while True:
@@ -100,6 +99,11 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
             break
         if work_limit >= 0 and paths >= work_limit:
             return OVER_LIMIT, paths
+        # The tree is grown on the quota as it was when this search started (``snapshot``), and
+        # each target is used as soon as it is popped, in pop order, with the live quota: the same
+        # augmentations as growing the whole tree first, but the search stops once the source's
+        # excess is gone instead of exploring the rest of the graph.
+        snapshot[:] = quota
         cost[:] = _FAR
         seen[:] = False
         done[:] = False
@@ -110,27 +114,31 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
         queue[tail] = source
         tail += 1
         num_targets = 0
-        while head < tail:
+        while head < tail and gpu_load[source] > capacity:
             g = queue[head]
             head += 1
             if done[g]:
                 continue
             done[g] = True
-            if gpu_load[g] < capacity:
-                targets[num_targets] = g
+            if g != source and gpu_load[g] < capacity:
                 num_targets += 1
-                # The tree beyond the first target matters only when its path cannot take the
-                # whole excess: stop here when it can (same augmentations as the full tree).
-                if num_targets == 1 and _path_amount(quota, held, gpu_load, capacity, source, g, par_g, par_c,
-                                                     par_step) >= gpu_load[source] - capacity:
-                    break
+                amount = _path_amount(quota, held, gpu_load, capacity, source, g, par_g, par_c, par_step)
+                if amount > 0:
+                    node = g
+                    while par_g[node] >= 0:
+                        quota[par_c[node]] -= amount
+                        quota[par_c2[node]] += amount
+                        node = par_g[node]
+                    gpu_load[source] -= amount
+                    gpu_load[g] += amount
+                    paths += 1
                 continue
             base = cost[g]
             for i in range(on_start[g], on_start[g + 1]):
                 c = on_cols[i]
-                if quota[c] == 0:
+                if snapshot[c] == 0:
                     continue
-                step = 0 if quota[c] > held[c] else 1
+                step = 0 if snapshot[c] > held[c] else 1
                 e = col_expert[c]
                 for c2 in range(of_start[e], of_start[e + 1]):
                     h = col_gpu[c2]
@@ -148,27 +156,6 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
         if num_targets == 0:
             reached[:] = seen
             return CUT, paths
-        for t in range(num_targets):
-            target = targets[t]
-            excess = gpu_load[source] - capacity
-            if excess <= 0:
-                break
-            amount = _path_amount(quota, held, gpu_load, capacity, source, target, par_g, par_c, par_step)
-            if amount <= 0:
-                continue
-            length = 0
-            node = target
-            while par_g[node] >= 0:
-                path_c[length] = par_c[node]
-                path_c2[length] = par_c2[node]
-                length += 1
-                node = par_g[node]
-            for k in range(length):
-                quota[path_c[k]] -= amount
-                quota[path_c2[k]] += amount
-            gpu_load[source] -= amount
-            gpu_load[target] += amount
-            paths += 1
     return DONE, paths
 
 
