@@ -67,7 +67,7 @@ def _path_amount(quota, held, gpu_load, capacity, source, target, par_g, par_c, 
 @njit(cache=True, nogil=True)
 def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_start, col_gpu, col_expert,
           reached):  # pragma: no cover - compiled
-    """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS). In place.
+    """Move load off GPUs above ``capacity`` along min-cost augmenting paths (0-1 BFS by cost layers). In place.
 
     Moving quota above a column's held tokens costs 0 (already remote), held tokens cost 1.
     GPUs with spare capacity are targets in pop order; one BFS tree serves several augmentations,
@@ -81,7 +81,8 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
         w = of_start[e + 1] - of_start[e]
         pairs += w * w
     size = 2 * (pairs + f) + 2
-    queue = np.empty(size, dtype=np.int64)
+    now = np.empty(size, dtype=np.int64)
+    later = np.empty(size, dtype=np.int64)
     cost = np.empty(f, dtype=np.int64)
     par_g = np.empty(f, dtype=np.int64)
     par_c = np.empty(f, dtype=np.int64)
@@ -110,12 +111,18 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
         cost[source] = 0
         seen[source] = True
         par_g[source] = -1
-        head = tail = size // 2
-        queue[tail] = source
-        tail += 1
+        # Cost layers in turn, each in FIFO order: min-cost paths, and among those few hops
+        # (short paths carry more per augmentation and reach a target sooner).
+        now[0] = source
+        head, num_now, num_later = 0, 1, 0
         num_targets = 0
-        while head < tail and gpu_load[source] > capacity:
-            g = queue[head]
+        while gpu_load[source] > capacity:
+            if head == num_now:
+                if num_later == 0:
+                    break
+                now, later = later, now
+                head, num_now, num_later = 0, num_later, 0
+            g = now[head]
             head += 1
             if done[g]:
                 continue
@@ -148,11 +155,11 @@ def drain(quota, held, gpu_load, capacity, work_limit, on_start, on_cols, of_sta
                     seen[h] = True
                     par_g[h], par_c[h], par_c2[h], par_step[h] = g, c, c2, step
                     if step:
-                        queue[tail] = h
-                        tail += 1
+                        later[num_later] = h
+                        num_later += 1
                     else:
-                        head -= 1
-                        queue[head] = h
+                        now[num_now] = h
+                        num_now += 1
         if num_targets == 0:
             reached[:] = seen
             return CUT, paths
