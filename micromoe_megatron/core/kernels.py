@@ -627,34 +627,35 @@ def build(held, held_gpu_load, pool_start, load, capacity, work_limit, on_start,
 
 @njit(cache=True, nogil=True)
 def counts_ok(tokens):  # pragma: no cover - compiled
-    """True when every count is >= 0 and the total is below 2**62 (the common case, one pass)."""
-    total = 0.0
+    """True when every count is in [0, 2**40) and the total is below 2**62 (the common case, one
+    branch-free integer pass); False sends the caller to the exact, slow validation."""
+    if tokens.size >= 1 << 22:  # the int64 sum below could wrap
+        return False
+    total = np.int64(0)
+    bad = np.int64(0)
     for s in range(tokens.shape[0]):
         for e in range(tokens.shape[1]):
-            if tokens[s, e] < 0:
-                return False
-            total += tokens[s, e]
-    return total < 2.0 ** 62
+            value = tokens[s, e]
+            bad |= value >> 40  # nonzero for a negative count or one >= 2**40
+            total += value
+    return bad == 0 and total < np.int64(1) << np.int64(62)
 
 
 @njit(cache=True, nogil=True)
-def quota_error(quota, tokens, capacity):  # pragma: no cover - compiled
-    """0 when ``quota [E, F]`` is >= 0, its rows sum to the expert loads of ``tokens [F, E]`` and
-    no GPU exceeds ``capacity``; 1 negative or wrong sums; 2 over capacity. Row-major passes only."""
+def quota_error(quota, load, capacity):  # pragma: no cover - compiled
+    """0 when ``quota [E, F]`` is >= 0, its rows sum to the expert loads ``load [E]`` and no GPU
+    exceeds ``capacity``; 1 negative or wrong sums; 2 over capacity. Row-major passes only."""
     num_experts, num_gpus = quota.shape
-    row = np.zeros(num_experts, dtype=np.int64)
-    for s in range(num_gpus):
-        for e in range(num_experts):
-            row[e] += tokens[s, e]
     column = np.zeros(num_gpus, dtype=np.int64)
     for e in range(num_experts):
+        row = np.int64(0)
         for g in range(num_gpus):
             amount = quota[e, g]
             if amount < 0:
                 return 1
-            row[e] -= amount
+            row += amount
             column[g] += amount
-        if row[e] != 0:
+        if row != load[e]:
             return 1
     for g in range(num_gpus):
         if column[g] > capacity:

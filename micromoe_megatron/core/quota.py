@@ -61,12 +61,14 @@ class PlanWorkLimit(RuntimeError):
 class QuotaResult:
     """``quota [E, F]`` int64; ``capacity`` = max load = ceil(t*); ``bound`` = density of the
     certificate set (a lower bound on t*; ``> capacity - 1`` unless the LP supplied ``capacity``);
-    ``augmentations`` = phases, paths and cycles of the final build at ``capacity``."""
+    ``augmentations`` = phases, paths and cycles of the final build at ``capacity``; ``load [E]``
+    int64 = the expert loads (column sums of the counts), which the quota rows must equal."""
 
     quota: np.ndarray
     capacity: int
     bound: float
     augmentations: int
+    load: np.ndarray
 
 
 class QuotaPlanner:
@@ -167,7 +169,7 @@ class QuotaPlanner:
             if status == kernels.DONE:
                 if work_limit is not None and work > work_limit:
                     raise PlanWorkLimit(f"planner needed {work} augmenting paths, more than {work_limit}")
-                return QuotaResult(quota, capacity, bound, int(work))
+                return QuotaResult(quota, capacity, bound, int(work), load)
             first, cuts = False, cuts + 1
             induced, size = int(induced), int(size)
             new_capacity = -(-induced // size)

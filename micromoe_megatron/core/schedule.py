@@ -203,7 +203,7 @@ class ReplicaScheduler:
 
                 result = self._planner.solve(tokens, self.work_limit, lp_optimum)
                 quota, augmentations = result.quota, result.augmentations
-                self._check_quota(quota, tokens, result.capacity)
+                self._check_quota(quota, result.load, result.capacity)
                 if self.solve_lp and math.ceil(optimum - _OPTIMUM_TOLERANCE) != result.capacity:
                     raise SolverFailure(f"HiGHS optimum {optimum} disagrees with the certified "
                                         f"integer optimum {result.capacity}")
@@ -224,10 +224,10 @@ class ReplicaScheduler:
                             gpus_per_node=self.gpus_per_node, lp_solved=lp_solved,
                             augmentations=augmentations)
 
-    def _check_quota(self, quota: np.ndarray, tokens: np.ndarray, capacity: int) -> None:
+    def _check_quota(self, quota: np.ndarray, load: np.ndarray, capacity: int) -> None:
         """Cheap guard on the planner's output (a bug must become a counted fallback, not a hang)."""
         quota = np.ascontiguousarray(quota, dtype=np.int64)
-        error = self._kernels.quota_error(quota, tokens, capacity) if quota.shape == self._quota_shape else 1
+        error = self._kernels.quota_error(quota, load, capacity) if quota.shape == self._quota_shape else 1
         if error == 1:
             raise SolverFailure("planner quota does not match the expert loads")
         if error == 2:
