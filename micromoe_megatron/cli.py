@@ -152,8 +152,21 @@ def _model(name: str):
 
 
 def _cost(args, shape):
-    from .sim.cost import CostModel, calibrate_gemm
+    """The cost model: defaults, ``--calibrate`` (GEMMs on this machine) or ``--gemm-file`` (the
+    grouped GEMMs ``scripts/gpu_bench.sh`` measured on a GPU, at this shape's tokens per GPU)."""
+    from .sim.cost import CostModel, calibrate_from_gpu_bench, calibrate_gemm
 
+    if args.gemm_file:
+        if args.calibrate:
+            raise InputError("--gemm-file and --calibrate: give one (measured GPU GEMMs, or this machine's)")
+        try:
+            return calibrate_from_gpu_bench(args.gemm_file, shape)
+        except FileNotFoundError:
+            raise InputError(f"--gemm-file {args.gemm_file}: no such file; write one with "
+                             "scripts/gpu_bench.sh --json PATH") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"--gemm-file {args.gemm_file}: not a gpu_bench result ({exc}); write one with "
+                             "scripts/gpu_bench.sh --json PATH") from None
     return calibrate_gemm(shape) if args.calibrate else CostModel()
 
 
@@ -218,7 +231,7 @@ def cmd_bench(args) -> None:
     if args.what == "paper":
         from .sim.paper import PAPER_MODELS, bench_paper, format_paper
 
-        cost = _cost(args, PAPER_MODELS[0])
+        cost = (lambda shape: _cost(args, shape)) if args.gemm_file else _cost(args, PAPER_MODELS[0])
         result = bench_paper(micro_batches=args.steps, variability=args.variability, cost=cost, progress=progress)
         print(json.dumps(result) if args.json else format_paper(result))
         return
@@ -301,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variability", type=float, default=0.3,
                    help="paper: share of each micro-batch's expert popularity redrawn (0..1)")
     p.add_argument("--calibrate", action="store_true", help="paper: measure GEMM throughput on this machine")
+    p.add_argument("--gemm-file", metavar="JSON",
+                   help="paper: grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh --json")
     p.add_argument("--gpus", type=int, default=8, help="balance: F, GPUs in the MicroEP group")
     p.add_argument("--experts", type=int, default=32, help="balance: E, experts")
     p.add_argument("--replicas", type=int, default=2, help="balance: d, replicas per expert")
@@ -349,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptive: minimum predicted max/mean gain to re-place (0 = at every check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate", action="store_true", help="measure GEMM throughput on this machine")
+    p.add_argument("--gemm-file", metavar="JSON",
+                   help="grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh --json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_simulate)
 

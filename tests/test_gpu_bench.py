@@ -53,3 +53,16 @@ def test_cost_model_takes_the_measured_gemm(bench):
     assert "gpu_bench" in cost.source
     with pytest.raises(ValueError, match="gpu_bench.sh --json"):
         calibrate_from_gpu_bench({"gemm": {"rows": []}}, shape)
+
+
+def test_bench_paper_projects_from_the_measured_gemm_file(bench, tmp_path, capsys):
+    from micromoe_megatron import cli
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert cli.main(["bench", "paper", "--steps", "2", "--gemm-file", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert any("measured by gpu_bench" in line for line in result["cost_model"])
+    assert cli.main(["bench", "paper", "--gemm-file", str(tmp_path / "missing.json")]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "--gemm-file" in error and "gpu_bench.sh --json" in error
