@@ -137,3 +137,22 @@ def test_malformed_placement_file_is_one_line(tmp_path, content):
 def test_unknown_placement_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         parse(["--micro-ep", "2", "--micro-ep-placement", "ring"])
+
+
+def test_launch_script_refuses_a_flag_in_one_line_before_torchrun():
+    """scripts/train_single_node.sh checks the arguments once before torchrun starts any rank: a
+    refused flag gives its one line and a non-zero exit, no per-rank copies, no torchrun traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        ["bash", str(repo / "scripts" / "train_single_node.sh"), str(repo / "configs" / "tiny-cpu.yaml"),
+         "--mock-data", "--moe-expert-capacity-factor", "1.0", "--moe-pad-expert-input-to-capacity"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--moe-pad-expert-input-to-capacity" in errors[0], errors
+    assert "ChildFailedError" not in result.stderr and "torch.distributed.run" not in result.stderr

@@ -51,8 +51,9 @@ def adapt_to_cpu(args) -> list[str]:
     return done
 
 
-def parse_arguments(argv=None):
-    """Megatron's parse + validate, with the MicroEP flags and layout translation in between."""
+def parse_arguments(argv=None, quiet: bool = False):
+    """Megatron's parse + validate, with the MicroEP flags and layout translation in between.
+    ``quiet``: do not print the start-up notes (the launch scripts' pre-flight check)."""
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables
 
@@ -75,7 +76,7 @@ def parse_arguments(argv=None):
     except LayoutError as error:
         raise SystemExit(f"pretrain_gpt.py: error: {error}") from None
     set_global_variables(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet:
         for note in notes:
             print(f"pretrain_gpt.py: {note}", flush=True)
     return args, micro_ep, cpu_changes
@@ -331,6 +332,12 @@ def main(argv=None) -> None:
     from megatron.training import pretrain, print_rank_0
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
 
+    if os.environ.get("MICROMOE_CHECK_ARGS") == "1":
+        # The launch scripts' pre-flight (scripts/train_*_node.sh): the same parse and checks as
+        # every rank makes, once, before torchrun starts ranks, so a refused flag prints one line
+        # instead of one per rank plus torchrun's ChildFailedError traceback.
+        parse_arguments(argv, quiet=True)
+        return
     args, micro_ep, cpu_changes = parse_arguments(argv)
     if cpu_changes:
         print_rank_0(f"pretrain_gpt.py: no CUDA, running on CPU over gloo ({', '.join(cpu_changes)})")
