@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def cmd_schedule(args) -> None:
         print(json.dumps(plan.to_json()))
         return
     print(f"{num_gpus} GPUs, {len(holders)} experts, {int(tokens.sum())} token-expert assignments")
-    print(f"max load {plan.max_load} (LP optimum {plan.lp_optimum:.2f}), mean {plan.mean_load:.2f}, "
+    optimum = "not solved: fallback plan" if math.isnan(plan.lp_optimum) else f"{plan.lp_optimum:.2f}"
+    print(f"max load {plan.max_load} (LP optimum {optimum}), mean {plan.mean_load:.2f}, "
           f"max/mean {plan.imbalance:.4f}")
     print(f"load per GPU: {plan.load_per_gpu.tolist()}")
     print(f"remote tokens {plan.remote_tokens} ({plan.remote_tokens / max(tokens.sum(), 1):.1%}), "
@@ -197,6 +199,14 @@ def cmd_simulate(args) -> None:
     from .sim.simulate import format_results, simulate
 
     shape = _model(args.model)
+    for flag, value in (("--ep", args.ep), ("--micro-ep", args.micro_ep), ("--micro-batches", args.micro_batches)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--variability", args.variability), ("--history-fraction", args.history_fraction)):
+        if not 0 <= value <= 1:
+            raise InputError(f"{flag} must be in [0, 1], got {value}")
+    if args.skew < 0:
+        raise InputError(f"--skew must be >= 0, got {args.skew}")
     shape = dataclasses.replace(shape, ep=args.ep or shape.ep, micro_ep=args.micro_ep or shape.micro_ep)
     if args.replacement_interval is not None and args.replacement_interval < 1:
         raise InputError(f"--replacement-interval must be >= 1 micro-batch, got {args.replacement_interval}")

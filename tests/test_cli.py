@@ -115,6 +115,24 @@ def test_placement_errors(capsys, argv, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--micro-batches", "0"], "--micro-batches must be >= 1"),
+    (["--micro-ep", "0"], "--micro-ep must be >= 1"),
+    (["--ep", "0"], "--ep must be >= 1"),
+    (["--variability", "1.5"], "--variability must be in [0, 1]"),
+    (["--history-fraction", "-0.1"], "--history-fraction must be in [0, 1]"),
+    (["--skew", "-1"], "--skew must be >= 0"),
+])
+def test_simulate_errors_name_the_flag(capsys, argv, message):
+    code, _, err = run(["simulate", *argv], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_schedule_says_when_the_plan_fell_back(tmp_path, capsys):
+    code, out, _ = run(["schedule", write(tmp_path, INSTANCE), "--work-limit", "0"], capsys)
+    assert code == 0 and "LP optimum not solved: fallback plan" in out and "FALLBACK" in out and "nan" not in out
+
+
 def test_console_entry_point_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "micromoe_megatron.cli", "placement", "--gpus", "4",
                              "--experts", "4", "--json"], capture_output=True, text=True)
