@@ -131,6 +131,9 @@ def test_empty_files_inside_a_directory_are_skipped_not_fatal(tmp_path):
     (tmp_path / "c" / "a.py").write_text(DOCS[1])
     (tmp_path / "c" / "__init__.py").write_text("")
     (tmp_path / "c" / "notes.txt").write_text(DOCS[0])
+    for hidden in (".git", "__pycache__", ".venv/lib"):  # a source tree's binaries are not text: skipped
+        (tmp_path / "c" / hidden).mkdir(parents=True)
+        (tmp_path / "c" / hidden / "blob.py").write_bytes(b"\x80\x81 binary")
     result = prepare([str(tmp_path / "c")], str(tmp_path / "d"), vocab_size=260, pattern="*.py")
     assert result.documents == 1 and result.skipped_empty == [str(tmp_path / "c" / "__init__.py")]
     with pytest.raises(DataError, match="no files matching --glob"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,14 +67,16 @@ class PrepareResult:
 
 
 def list_input_files(inputs: list[str], pattern: str = "*") -> list[Path]:
-    """Files named, plus files under directories matching ``pattern`` (sorted, recursive)."""
+    """Files named, plus files under directories matching ``pattern`` (sorted, recursive; entries
+    inside a directory that are hidden (``.git``, ``.venv``) or ``__pycache__`` are skipped)."""
     if not inputs:
         raise DataError("INPUT: give at least one text/JSONL file or directory")
     files: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob(pattern) if p.is_file())
+            found = sorted(p for p in path.rglob(pattern) if p.is_file() and not any(
+                part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts))
             if not found:
                 raise DataError(f"{path}: no files matching --glob {pattern!r} in this directory")
             files.extend(found)
@@ -133,15 +136,18 @@ def iter_documents(files: list[Path], json_key: str = "text", explicit: set[Path
 # ---------------------------------------------------------------- tokenizer
 
 
+# Byte-level BPE: 256 byte tokens plus the two special tokens.
+MIN_VOCAB_SIZE = 256 + 2
+
+
 def train_tokenizer(documents: Callable[[], Iterator[str]], vocab_size: int):
     """A byte-level BPE (GPT-2 style: any UTF-8 text encodes, no unknown token) trained on the
     corpus with Hugging Face ``tokenizers``. Special tokens: ``<|endoftext|>`` = 0, ``<|pad|>`` = 1.
     The vocabulary may end up smaller than ``vocab_size`` on a small corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + 2
-    if vocab_size < minimum:
-        raise DataError(f"--vocab-size {vocab_size}: must be >= {minimum} (256 byte tokens + 2 special tokens)")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB_SIZE} (256 byte tokens + 2 special tokens)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -233,8 +239,6 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
     (uint16 below 65500 ids, else int32). Files are written under temporary names and renamed at the
     end, so a failed run leaves no half-written dataset. Raises DataError naming the file or flag.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
-
     start = time.perf_counter()
     files = list_input_files(inputs, pattern)
     explicit = {Path(name) for name in inputs if Path(name).is_file()}
@@ -247,6 +251,12 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
     if not os.access(out_dir, os.W_OK):
         raise DataError(f"--output-prefix {output_prefix}: {out_dir} is not writable")
     tokenizer_dir = Path(tokenizer_out or f"{prefix}-tokenizer")
+
+    if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:  # before any announcement or slow import
+        raise DataError(f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB_SIZE} (256 byte tokens + 2 special tokens)")
+    with warnings.catch_warnings():  # megatron-core's "TransformerEngine / Apex not installed" notes: not for data prep
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     if tokenizer is None:
         if progress:
