@@ -7,7 +7,7 @@ from micromoe_megatron.core import kernels, loads, placement
 from micromoe_megatron.core.routing import rank_routes, route_tokens
 from micromoe_megatron.core.schedule import ReplicaScheduler
 
-KERNELS = ("place_pool", "_path_amount", "drain", "reclaim", "_fill", "_route_expert", "_route_status", "route",
+KERNELS = ("place_pool", "_path_amount", "drain", "reclaim", "_fill", "_node_holders", "_route_expert", "_route_status", "route",
            "_sent_by", "rank_route", "local_tokens", "prepare", "build", "counts_ok", "quota_error")
 
 

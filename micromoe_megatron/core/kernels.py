@@ -282,6 +282,26 @@ def _fill(row, demand, first, last, holders, count, routed, base):  # pragma: no
 
 
 @njit(cache=True, nogil=True)
+def _node_holders(holder_table, e, j0, node, holders):  # pragma: no cover - compiled
+    """The holders of expert ``e`` in the node of its ``j0``-th holder, in holder order, into
+    ``holders``: ``(first GPU of the node, count)``; count 0 when ``j0`` is padding or an earlier
+    holder already stands for that node (each node's tier-2 fill runs once)."""
+    g0 = holder_table[e, j0]
+    if g0 < 0:
+        return 0, 0
+    first = g0 // node * node
+    for j in range(j0):
+        if first <= holder_table[e, j] < first + node:
+            return first, 0
+    count = 0
+    for j in range(j0, holder_table.shape[1]):
+        if first <= holder_table[e, j] < first + node:
+            holders[count] = j
+            count += 1
+    return first, count
+
+
+@njit(cache=True, nogil=True)
 def _route_expert(tokens, e, quota, holder_table, node, row, demand, holders, routed, base):  # pragma: no cover
     """Paper Algorithm 1 for expert ``e``: pair its tokens (``tokens[:, e]``, copied into the
     scratch ``row [F]`` and consumed) with its quota, local first, then same node (``node`` GPUs
@@ -302,21 +322,9 @@ def _route_expert(tokens, e, quota, holder_table, node, row, demand, holders, ro
             demand[j] -= local
     if node < num_gpus:                                               # tier 2: same node
         for j0 in range(num_holders):                                 # each holder's node once
-            g0 = holder_table[e, j0]
-            if g0 < 0:
+            first, count = _node_holders(holder_table, e, j0, node, holders)
+            if count == 0:
                 continue
-            first = g0 // node * node
-            repeated = False
-            for j in range(j0):
-                if first <= holder_table[e, j] < first + node:
-                    repeated = True
-            if repeated:
-                continue
-            count = 0
-            for j in range(j0, num_holders):
-                if first <= holder_table[e, j] < first + node:
-                    holders[count] = j
-                    count += 1
             _fill(row, demand, first, first + node, holders, count, routed, base)
     count = 0                                                         # tier 3: anywhere
     for j in range(num_holders):
@@ -410,21 +418,9 @@ def _sent_by(tokens, e, quota, holder_table, node, rank, before, demand, holders
     left = tokens[rank, e]
     if node < num_gpus:                                               # tier 2: holder nodes only
         for j0 in range(num_holders):
-            g0 = holder_table[e, j0]
-            if g0 < 0:
+            first, count = _node_holders(holder_table, e, j0, node, holders)
+            if count == 0:
                 continue
-            first = g0 // node * node
-            repeated = False
-            for j in range(j0):
-                if first <= holder_table[e, j] < first + node:
-                    repeated = True
-            if repeated:
-                continue
-            count = 0
-            for j in range(j0, num_holders):
-                if first <= holder_table[e, j] < first + node:
-                    holders[count] = j
-                    count += 1
             k = 0
             for s in range(first, first + node):  # every source: tier 2 ends before tier 3 starts
                 supply = tokens[s, e]
