@@ -388,4 +388,33 @@ def disagreeing_policy_keeps_placement(rank, world_size):
         warnings.simplefilter("ignore", RuntimeWarning)
         moved = controller.step([model], optimizer, iteration=1)
     unchanged = all(np.array_equal(layer.placement.phy2log, old) for layer, old in zip(layers, before))
-    return {"moved": len(moved), "disagreements": controller.disagreements, "unchanged": unchanged}
+    return {"moved": len(moved), "disagreements": controller.disagreements, "unchanged": unchanged,
+            **_measurements_agree(rank, model, optimizer, sync, layers)}
+
+
+def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
+    """The time gate's inputs are the same on every rank although each rank measured its own: the
+    expert time per token (rank-dependent timer totals here), the migration time (each rank's own
+    wall time), and so the AdaptivePolicy's verdicts. Two checks with skewed identical counts:
+    the first re-places (threshold 0) and measures the migration, the second uses that measurement."""
+    from micromoe_megatron.mcore.replacement import AdaptivePolicy, agreed_max_ms, agreed_ms_per_token
+
+    for layer in layers:
+        layer.expert_timer.collect()
+        layer.expert_timer.nanoseconds, layer.expert_timer.tokens = 1000 * (rank + 1), 10 * (rank + 1)
+    ms_per_token = [agreed_ms_per_token(layer) for layer in layers]
+    max_ms = agreed_max_ms(layers[0], 1.5 + rank)
+    skewed = np.tile(np.array([40, 10, 4, 2, 1, 1, 1, 1], dtype=np.int64), (4, 1))
+    controller = ReplacementController(AdaptivePolicy(0.0), interval=1, replica_sync=sync,
+                                       micro_batches_per_iteration=3)
+    checks = []
+    for iteration in (1, 2):
+        for layer in layers:
+            layer.token_dispatcher.counts_history.append(skewed)
+            layer.expert_timer.nanoseconds, layer.expert_timer.tokens = 7000 + 500 * rank, 7 + rank
+        controller.step([model], optimizer, iteration)
+        checks.append([(c.layer_number, c.result is not None, c.result.ms if c.result else None, c.reason,
+                        c.verdict.gain_ms, c.verdict.migration_ms) for c in controller.last_check])
+    costs = [controller.migration_cost(layer, optimizer) for layer in layers]
+    return {"ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks, "summary": controller.summary(),
+            "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs]}

@@ -58,8 +58,9 @@ class MicroEPConfig:
         "with --micro-ep-placement adaptive: consider re-placing the experts every N iterations, between "
         "the optimizer step and the next forward (0 = never, the default)"))
     replacement_threshold: float = _setting(1.05, "--micro-ep-replacement-threshold", metavar="X", help=(
-        "re-place only when the current placement's predicted GPU max/mean exceeds X (0 = always re-place "
-        "at the interval)"))
+        "re-place only when the current placement's predicted GPU max/mean exceeds X and the predicted gain "
+        "in expert time until the next check exceeds the migration time (measured) (0 = always re-place at "
+        "the interval)"))
     history_window: int = field(default=16, metadata=dict(help=(
         "micro-batches of all-gathered counts kept per layer for the re-placement policy (no flag)")))
     plan_cache_size: int = field(default=64, metadata=dict(help=(
