@@ -119,6 +119,8 @@ def test_replacement_flags():
         MicroEPConfig(replicas=2, placement="adaptive")
     with pytest.raises(LayoutError, match="--micro-ep-replacement-interval 5 needs --micro-ep-placement adaptive"):
         MicroEPConfig(replicas=2, replacement_interval=5)
+    with pytest.raises(LayoutError, match="--micro-ep-replacement-background needs --micro-ep-placement adaptive"):
+        MicroEPConfig(replicas=2, replacement_background=True)
     with pytest.raises(LayoutError, match="--micro-ep-replacement-threshold must be >= 0"):
         MicroEPConfig(replicas=2, placement="adaptive", replacement_interval=5, replacement_threshold=-1)
 
@@ -144,3 +146,7 @@ def test_ranks_that_disagree_keep_the_placement(rank_pool):
     assert [(size, measured) for size, _, measured in first["costs"]] == [(2 * 32 * 64 * 4, True)] * 2
     assert all(bandwidth != 25.0 for _, bandwidth, _ in first["costs"])
     assert "gain" in first["summary"] and "ms vs migration" in first["summary"]
+    # Background search: nothing moves at the check (iteration 2), the decision lands after iteration 3,
+    # equal to the synchronous decision on the same inputs and the same on every rank.
+    assert all(r["background_moved"] == [0, 0, 2] and r["background_at"] == (2, 3) for r in results)
+    assert all(r["background_matches"] and r["phy2log"] == first["phy2log"] for r in results)

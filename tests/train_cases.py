@@ -416,5 +416,20 @@ def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
         checks.append([(c.layer_number, c.result is not None, c.result.ms if c.result else None, c.reason,
                         c.verdict.gain_ms, c.verdict.migration_ms) for c in controller.last_check])
     costs = [controller.migration_cost(layer, optimizer) for layer in layers]
+    # Background search: checked after iteration 2, applied after iteration 3, the same placement as a
+    # synchronous call of the policy on the same inputs.
+    hot_last = np.tile(np.array([1, 1, 1, 1, 2, 4, 10, 40], dtype=np.int64), (4, 1))
+    for layer in layers:
+        layer.token_dispatcher.counts_history.clear()
+        layer.token_dispatcher.counts_history.append(hot_last)
+    expected = [AdaptivePolicy(0.0)(layer.layer_number, np.stack(layer.token_dispatcher.counts_history),
+                                    layer.placement) for layer in layers]
+    background = ReplacementController(AdaptivePolicy(0.0), interval=2, replica_sync=sync, background=True)
+    moved = [len(background.step([model], optimizer, iteration)) for iteration in (1, 2, 3)]
+    background.close()
     return {"ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks, "summary": controller.summary(),
-            "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs]}
+            "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs],
+            "background_moved": moved, "background_at": (background.checked_at, background.applied_at),
+            "background_matches": all(new is not None and np.array_equal(layer.placement.phy2log, new.phy2log)
+                                      for layer, new in zip(layers, expected)),
+            "phy2log": [layer.placement.phy2log.tolist() for layer in layers]}

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import inspect
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -179,11 +180,19 @@ class ReplacementController:
         micro_batches_per_iteration: micro-batches per iteration (an int, or a callable returning the
             current number, e.g. Megatron's ``get_num_microbatches`` under batch-size ramp-up).
         bandwidth_gbps: the migration model's bandwidth before a layer's first measured migration.
+        background: run the policy in a background thread: at a check the controller gathers the
+            policy's inputs (the collectives, on the calling thread), starts the search and returns;
+            at the next iteration's ``step`` it waits for the search to finish (every rank at the same
+            iteration, whenever its own thread finished) and migrates. The decision is the same as
+            without ``background`` (a pure function of the same inputs), one iteration later.
+
+    A policy that raises keeps the layer's placement (counted in ``failures``, warned once); the
+    agreement check makes that decision the same on every rank.
     """
 
     def __init__(self, policy: Policy, interval: int, replica_sync=None,
                  micro_batches_per_iteration: Union[int, Callable[[], int]] = 1,
-                 bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS):
+                 bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS, background: bool = False):
         if interval < 0:
             raise ValueError(f"--micro-ep-replacement-interval must be >= 0, got {interval}")
         self.policy = policy
@@ -191,11 +200,17 @@ class ReplacementController:
         self.replica_sync = replica_sync
         self.micro_batches_per_iteration = micro_batches_per_iteration
         self.bandwidth_gbps = bandwidth_gbps
+        self.background = background
         self.takes_measurements = _takes_measurements(policy)
         self.results: list[tuple[int, MigrationResult]] = []  # (layer number, result), all so far
         self.disagreements = 0  # checks where ranks disagreed and the placement was kept
+        self.failures = 0       # policy calls that raised (placement kept)
         self.last_check: list[LayerCheck] = []
+        self.checked_at = 0     # iteration of the check whose decisions were applied last
+        self.applied_at = 0     # iteration at which they were applied
         self._costs: dict[int, tuple[MigrationCost, bool]] = {}  # id(layer) -> (model, measured)
+        self._pending: tuple[int, int, Future] | None = None     # (checked at, apply at, search)
+        self._executor: ThreadPoolExecutor | None = None
 
     def history(self, layer) -> np.ndarray:
         """int64 ``[K, F, E]`` counts of the layer's last micro-batches, summed over its EDP group."""
@@ -242,25 +257,74 @@ class ReplacementController:
     def step(self, model_chunks, optimizer, iteration: int) -> list[MigrationResult]:
         """After ``optimizer.step()`` of iteration ``iteration`` (1-based): re-place if it is due.
 
-        Collective over the model's ranks; returns this call's migrations (empty when not due), whose
-        ``ms`` is the slowest rank's. ``last_check`` says per layer what happened and why.
+        Call it after every iteration (with ``background`` the decision of a check is applied at the
+        next call). Collective over the model's ranks; returns this call's migrations, whose ``ms`` is
+        the slowest rank's. ``last_check`` says per layer what the last applied check did and why.
         """
-        if not self.interval or iteration % self.interval:
+        if not self.interval:
             return []
-        done, self.last_check = [], []
-        for layer in _micro_layers(model_chunks):
-            if not layer.token_dispatcher.counts_history:
-                continue
-            history = self.history(layer)
-            if self.takes_measurements:
-                new = self.policy(layer.layer_number, history, layer.placement, self.measurements(layer, optimizer))
+        done = []
+        if self._pending is not None and iteration >= self._pending[1]:
+            checked_at, _, search = self._pending
+            self._pending = None
+            done = self._apply(search.result(), optimizer, checked_at, iteration)  # waits for the search
+        if iteration % self.interval == 0:
+            jobs = [(layer, self._inputs(layer, optimizer)) for layer in _micro_layers(model_chunks)
+                    if layer.token_dispatcher.counts_history]
+            if self.background:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="micro-ep-replacement")
+                self._pending = (iteration, iteration + 1, self._executor.submit(self._decide, jobs))
             else:
-                layer.expert_timer.collect()  # keep the window "since the last check"
-                new = self.policy(layer.layer_number, history, layer.placement)
-            verdict_of = getattr(self.policy, "verdict", None)
-            verdict = verdict_of(layer.layer_number) if verdict_of is not None else None
+                done += self._apply(self._decide(jobs), optimizer, iteration, iteration)
+        return done
+
+    def close(self) -> None:
+        """Drop a decision not applied yet and stop the background thread (waits for a running search)."""
+        self._pending = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _inputs(self, layer, optimizer) -> tuple:
+        """The policy's arguments for ``layer``, identical on every rank (collectives: call on every rank)."""
+        history = self.history(layer)
+        if self.takes_measurements:
+            return layer.layer_number, history, layer.placement, self.measurements(layer, optimizer)
+        layer.expert_timer.collect()  # keep the timer's window "since the last check"
+        return layer.layer_number, history, layer.placement
+
+    def _decide(self, jobs) -> list[tuple]:
+        """``[(layer, current, new or None, verdict or None, predicted max/mean)]``: the policy on the
+        gathered inputs. No collectives and no model access, so it may run in a background thread."""
+        decided = []
+        for layer, args in jobs:
+            number, current = args[0], args[2]
+            try:
+                new = self.policy(*args)
+                verdict_of = getattr(self.policy, "verdict", None)
+                verdict = verdict_of(number) if verdict_of is not None else None
+            except Exception as exc:  # keep the placement; the agreement check makes it the same everywhere
+                self.failures += 1
+                if self.failures == 1:
+                    warnings.warn(f"MicroEP re-placement: the policy failed on layer {number} ({exc}); keeping "
+                                  "its placement", RuntimeWarning, stacklevel=2)
+                nan = float("nan")
+                new, verdict = None, Verdict(False, nan, nan, nan, nan, f"policy failed: {exc}")
+            predicted_of = getattr(self.policy, "predicted_max_mean", None)
+            predicted = float(predicted_of(number)) if predicted_of is not None else None
+            decided.append((layer, current, new, verdict, predicted))
+        return decided
+
+    def _apply(self, decided, optimizer, checked_at: int, iteration: int) -> list[MigrationResult]:
+        """Agree on and carry out ``_decide``'s answers (collectives: call on every rank)."""
+        done, self.last_check = [], []
+        self.checked_at, self.applied_at = checked_at, iteration
+        for layer, current, new, verdict, predicted in decided:
             reason = verdict.reason if verdict is not None else ("re-place" if new is not None else "keep")
-            if new is not None and np.array_equal(new.phy2log, layer.placement.phy2log):
+            if layer.placement is not current:  # moved since the check (cannot happen: one pending check)
+                new, reason = None, "placement changed since the check; kept"
+            if new is not None and np.array_equal(new.phy2log, current.phy2log):
                 new, reason = None, "the policy returned the current placement"
             if not self._agreed(layer, new):
                 # A policy that is not a pure function of its inputs: keep the placement everywhere
@@ -271,14 +335,13 @@ class ReplacementController:
                                   "placement; keeping the current one (the policy must be a pure function of "
                                   "(layer number, history, current, measurements))", RuntimeWarning, stacklevel=2)
                 new, reason = None, "ranks disagreed; kept"
-            predicted = getattr(self.policy, "predicted_max_mean", None)
             if predicted is not None:
-                layer.replacement_stats.predicted_max_mean = float(predicted(layer.layer_number))
+                layer.replacement_stats.predicted_max_mean = predicted
             if new is None:
                 self.last_check.append(LayerCheck(layer.layer_number, verdict, None, reason))
                 continue
             cost, _ = self.migration_cost(layer, optimizer)
-            modelled = slot_moves(layer.placement, new)
+            modelled = slot_moves(current, new)
             result = migrate_layer(layer, new, optimizer)
             # The group waits for its slowest rank: that time is what the migration cost, everywhere.
             result = dataclasses.replace(result, ms=agreed_max_ms(layer, result.ms))

@@ -283,16 +283,19 @@ def _install_replacement(micro_ep, sync) -> None:
 
     controller = ReplacementController(AdaptivePolicy(micro_ep.replacement_threshold),
                                        micro_ep.replacement_interval, replica_sync=sync,
-                                       micro_batches_per_iteration=get_num_microbatches)
+                                       micro_batches_per_iteration=get_num_microbatches,
+                                       background=micro_ep.replacement_background)
     callbacks = training.post_training_step_callbacks
 
     @functools.wraps(callbacks)
     def with_replacement(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs):
         result = callbacks(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs)
-        if micro_ep.replacement_interval and iteration % micro_ep.replacement_interval == 0:
-            moved = controller.step(model, optimizer, iteration)
-            print_rank_0(f" MicroEP re-placement check [iteration {iteration}]: {len(moved)} layer(s) re-placed, "
-                         f"{sum(r.moves for r in moved)} slots moved, {sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
+        moved = controller.step(model, optimizer, iteration)
+        if controller.applied_at == iteration:
+            applied = (f" (applied after iteration {iteration})" if controller.checked_at != iteration else "")
+            print_rank_0(f" MicroEP re-placement check [iteration {controller.checked_at}]{applied}: {len(moved)} "
+                         f"layer(s) re-placed, {sum(r.moves for r in moved)} slots moved, "
+                         f"{sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
                          f"{max((r.ms for r in moved), default=0.0):.1f} ms | {controller.summary()}")
         return result
 
