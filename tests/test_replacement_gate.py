@@ -28,8 +28,8 @@ def skewed_history(micro_batches=4, skew=1.5, seed=0) -> np.ndarray:
     return np.stack([loads.multinomial_counts(probabilities, 4096, GPUS, rng) for _ in range(micro_batches)])
 
 
-def measured(ms_per_token=1e-3, migration=MigrationCost(bytes_per_slot=1e6), per_check=10, groups=1):
-    return LayerMeasurements(ms_per_token, 1000, per_check, groups, migration)
+def measured(ms_per_token=1e-3, migration=MigrationCost(bytes_per_slot=1e6), per_check=10, groups=1, tokens=1000):
+    return LayerMeasurements(ms_per_token, tokens, per_check, groups, migration)
 
 
 def test_time_gate_refuses_below_the_measured_migration_cost_and_accepts_above():
@@ -77,8 +77,12 @@ def test_threshold_zero_re_places_whatever_the_cost_and_the_threshold_still_gate
     gate = AdaptivePolicy(threshold=1.01)
     assert gate(3, history, current) is not None and "not measured" in gate.verdict(3).reason
     assert math.isnan(gate.verdict(3).gain_ms)
-    # Nothing timed (0 ms per token): no predicted gain, kept.
-    assert gate(3, history, current, measured(ms_per_token=0.0)) is None
+    # Timed, but too fast to pay for the migration: kept.
+    assert gate(3, history, current, measured(ms_per_token=1e-12)) is None
+    assert "<= migration" in gate.verdict(3).reason
+    # Nothing timed since the last check (e.g. CUDA-graphed experts): the threshold alone, said so.
+    assert gate(3, history, current, measured(ms_per_token=0.0, tokens=0)) is not None
+    assert "not measured" in gate.verdict(3).reason
 
 
 def test_policy_is_a_pure_function_of_its_inputs():

@@ -5,7 +5,9 @@ the time of its forward calls and the token-expert assignments they processed (r
 dispatched input). On CUDA the time comes from ``torch.cuda.Event`` pairs recorded on the current
 stream and read only at ``collect`` (no synchronisation in the training step); elsewhere from
 ``time.perf_counter`` around the (synchronous) call. Forwards re-run by activation recomputation
-inside backward are not counted: they would count the same micro-batch twice.
+inside backward are not counted: they would count the same micro-batch twice; nor are forwards being
+captured into a CUDA graph (their replays are not timed either: with graphed experts nothing is
+timed and the policy falls back to its threshold alone, saying so in the check line).
 
 What one rank measures is rank-local; the re-placement controller sums the integer totals over
 the layer's MicroEP and expert-data-parallel groups (``replacement.agreed_ms_per_token``), so every
@@ -46,6 +48,9 @@ class ExpertTimer:
         hidden = args[0] if args else None
         tokens = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else 0
         if isinstance(hidden, torch.Tensor) and hidden.is_cuda:
+            if torch.cuda.is_current_stream_capturing():  # a CUDA graph capture: timing events not allowed
+                self._started = None
+                return
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._started = (start, tokens)

@@ -385,8 +385,9 @@ class AdaptivePolicy:
       time (paper Sec. 6.4). Gain (ms) = (LP optimum now - new, tokens per micro-batch of one
       group) x ms per token (the measured forward x ``FORWARD_AND_BACKWARD``) x micro-batches per
       check; migration (ms) from ``MigrationCost`` (bytes per slot / bandwidth, rescaled by the last
-      measured migration of the layer). Called without measurements (three arguments) the time
-      gate is skipped and the threshold alone decides.
+      measured migration of the layer). Called without measurements (three arguments), or when no
+      expert forward was timed since the last check (e.g. CUDA-graphed experts), the time gate is
+      skipped and the threshold alone decides; the verdict says so.
 
     ``verdict(layer_number)`` says why the last call decided as it did.
     """
@@ -435,8 +436,9 @@ class AdaptivePolicy:
             return verdict(False, f"predicted max/mean {now:.4f} <= threshold {self.threshold}")
         if not new < now:
             return verdict(False, f"no better table (predicted {now:.4f} -> {new:.4f})")
-        if measured is None:
-            return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f} (no time gate: not measured)")
+        if measured is None or not measured.tokens_timed:
+            return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f} (no time gate: expert time not "
+                                 "measured)")
         if not gain > migration:
             return verdict(False, f"predicted gain {gain:.3f} ms <= migration {migration:.3f} ms")
         return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f}, gain {gain:.3f} ms > migration "
