@@ -134,7 +134,7 @@ def test_ranks_that_disagree_keep_the_placement(rank_pool):
             "moved": 0, "disagreements": 2, "unchanged": True}
     # Rule 2 for the time gate: every rank measured differently, every rank got the same inputs.
     # Timer totals 1000 (r + 1) ns over 10 (r + 1) tokens on rank r: sums 10000 ns / 100 tokens.
-    assert all(r["ms_per_token"] == [(1e-4, 100)] * 2 for r in results)
+    assert all(r["untimed"] == [(0.0, 0)] * 2 and r["ms_per_token"] == [(1e-4, 100)] * 2 for r in results)
     assert all(r["max_ms"] == 4.5 for r in results)                    # max of 1.5 + rank
     first = results[0]
     for result in results[1:]:

@@ -399,8 +399,8 @@ def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
     the first re-places (threshold 0) and measures the migration, the second uses that measurement."""
     from micromoe_megatron.mcore.replacement import AdaptivePolicy, agreed_max_ms, agreed_ms_per_token
 
+    untimed = [agreed_ms_per_token(layer) for layer in layers]  # built without re-placement: timer attached now
     for layer in layers:
-        layer.expert_timer.collect()
         layer.expert_timer.nanoseconds, layer.expert_timer.tokens = 1000 * (rank + 1), 10 * (rank + 1)
     ms_per_token = [agreed_ms_per_token(layer) for layer in layers]
     max_ms = agreed_max_ms(layers[0], 1.5 + rank)
@@ -427,7 +427,7 @@ def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
     background = ReplacementController(AdaptivePolicy(0.0), interval=2, replica_sync=sync, background=True)
     moved = [len(background.step([model], optimizer, iteration)) for iteration in (1, 2, 3)]
     background.close()
-    return {"ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks, "summary": controller.summary(),
+    return {"untimed": untimed, "ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks, "summary": controller.summary(),
             "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs],
             "background_moved": moved, "background_at": (background.checked_at, background.applied_at),
             "background_matches": all(new is not None and np.array_equal(layer.placement.phy2log, new.phy2log)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ..core.forecast import MigrationCost, slot_moves
 from ..core.placement import Placement
+from .expert_timer import ExpertTimer
 from .migration import MigrationResult, SlotState, migrate_layer
 from .replicas import slot_parameters
 
@@ -149,7 +150,7 @@ def _device(layer) -> torch.device:
 
 def agreed_ms_per_token(layer) -> tuple[float, int]:
     """``(ms per token-expert assignment, tokens timed)`` of ``layer``'s experts since the last call,
-    identical on every rank of the stage.
+    identical on every rank of the stage. A layer without a timer gets one here (0 tokens this time).
 
     Every rank's ``ExpertTimer`` totals (integer nanoseconds and tokens) are summed over the stage and
     divided once: integer sums are exact in any reduction order, so every rank gets the same bits.
@@ -158,6 +159,8 @@ def agreed_ms_per_token(layer) -> tuple[float, int]:
     would let that noise drive every decision; the mean errs, if at all, towards a smaller gain, so
     towards not migrating, which is the cheap mistake. Collective over the stage.
     """
+    if layer.expert_timer is None:  # a layer built without re-placement: time from now on
+        layer.expert_timer = ExpertTimer(layer.experts)
     nanoseconds, tokens = layer.expert_timer.collect()
     totals = _stage_all_reduce(layer, torch.tensor([nanoseconds, tokens], dtype=torch.int64, device=_device(layer)))
     nanoseconds, tokens = (int(v) for v in totals.cpu())
@@ -291,7 +294,8 @@ class ReplacementController:
         history = self.history(layer)
         if self.takes_measurements:
             return layer.layer_number, history, layer.placement, self.measurements(layer, optimizer)
-        layer.expert_timer.collect()  # keep the timer's window "since the last check"
+        if layer.expert_timer is not None:
+            layer.expert_timer.collect()  # keep the timer's window "since the last check"
         return layer.layer_number, history, layer.placement
 
     def _decide(self, jobs) -> list[tuple]:
