@@ -427,7 +427,8 @@ def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
     background = ReplacementController(AdaptivePolicy(0.0), interval=2, replica_sync=sync, background=True)
     moved = [len(background.step([model], optimizer, iteration)) for iteration in (1, 2, 3)]
     background.close()
-    return {"untimed": untimed, "ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks, "summary": controller.summary(),
+    return {"untimed": untimed, "ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks,
+            "summary": controller.summary(),
             "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs],
             "background_moved": moved, "background_at": (background.checked_at, background.applied_at),
             "background_matches": all(new is not None and np.array_equal(layer.placement.phy2log, new.phy2log)

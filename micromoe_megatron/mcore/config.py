@@ -59,7 +59,7 @@ class MicroEPConfig:
         "the optimizer step and the next forward (0 = never, the default)"))
     replacement_threshold: float = _setting(1.05, "--micro-ep-replacement-threshold", metavar="X", help=(
         "re-place only when the current placement's predicted GPU max/mean exceeds X and the predicted gain "
-        "in expert time until the next check exceeds the migration time (measured) (0 = always re-place at "
+        "in expert time until the next check exceeds the (measured) migration time (0 = always re-place at "
         "the interval)"))
     replacement_background: bool = _setting(False, "--micro-ep-replacement-background", help=(
         "with --micro-ep-placement adaptive: search the new placement in a background thread during the "
