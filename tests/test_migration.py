@@ -119,6 +119,8 @@ def test_replacement_flags():
         MicroEPConfig(replicas=2, placement="adaptive")
     with pytest.raises(LayoutError, match="--micro-ep-replacement-interval 5 needs --micro-ep-placement adaptive"):
         MicroEPConfig(replicas=2, replacement_interval=5)
+    with pytest.raises(LayoutError, match="--micro-ep-replacement-background needs --micro-ep-placement adaptive"):
+        MicroEPConfig(replicas=2, replacement_background=True)
     with pytest.raises(LayoutError, match="--micro-ep-replacement-threshold must be >= 0"):
         MicroEPConfig(replicas=2, placement="adaptive", replacement_interval=5, replacement_threshold=-1)
 
@@ -126,5 +128,25 @@ def test_replacement_flags():
 def test_ranks_that_disagree_keep_the_placement(rank_pool):
     """Rule 4: a policy answering differently on one rank is not a crash and not a split group:
     every rank keeps the current placement, and the disagreement is counted."""
-    for result in rank_pool.run("tests.train_cases:disagreeing_policy_keeps_placement"):
-        assert result == {"moved": 0, "disagreements": 2, "unchanged": True}
+    results = rank_pool.run("tests.train_cases:disagreeing_policy_keeps_placement")
+    for result in results:
+        assert {k: result[k] for k in ("moved", "disagreements", "unchanged")} == {
+            "moved": 0, "disagreements": 2, "unchanged": True}
+    # Rule 2 for the time gate: every rank measured differently, every rank got the same inputs.
+    # Timer totals 1000 (r + 1) ns over 10 (r + 1) tokens on rank r: sums 10000 ns / 100 tokens.
+    assert all(r["untimed"] == [(0.0, 0)] * 2 and r["ms_per_token"] == [(1e-4, 100)] * 2 for r in results)
+    assert all(r["max_ms"] == 4.5 for r in results)                    # max of 1.5 + rank
+    first = results[0]
+    for result in results[1:]:
+        assert result["checks"] == first["checks"] and result["costs"] == first["costs"]
+    first_check, second_check = first["checks"]
+    assert all(replaced and gain > 0 for _, replaced, _, _, gain, _ in first_check)
+    # Slot bytes from the layer (2 fp32 weight matrices of 32 x 64 per expert; this model never
+    # stepped, so Adam holds no moments yet), the bandwidth rescaled from the measured migration.
+    assert [(size, measured) for size, _, measured in first["costs"]] == [(2 * 32 * 64 * 4, True)] * 2
+    assert all(bandwidth != 25.0 for _, bandwidth, _ in first["costs"])
+    assert "gain" in first["summary"] and "ms vs migration" in first["summary"]
+    # Background search: nothing moves at the check (iteration 2), the decision lands after iteration 3,
+    # equal to the synchronous decision on the same inputs and the same on every rank.
+    assert all(r["background_moved"] == [0, 0, 2] and r["background_at"] == (2, 3) for r in results)
+    assert all(r["background_matches"] and r["phy2log"] == first["phy2log"] for r in results)

@@ -198,6 +198,9 @@ def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp
     checks = re.findall(r"MicroEP re-placement check \[iteration (\d+)\]: (\d+) layer", micro.log)
     assert [int(i) for i, _ in checks] == [3, 6, 9, 12]
     assert sum(int(n) for _, n in checks) > 0, "the skewed real routing should have been re-placed"
+    # The launcher feeds the time gate: measured expert time per token and migration cost, per layer.
+    gates = re.findall(r"layer \d+: [^;]*gain ([\d.]+) ms vs migration ([\d.]+) ms", micro.log)
+    assert gates and any(float(gain) > 0 for gain, _ in gates), "expert time per token was not measured"
     assert np.mean([micro.losses[i] for i in (10, 11, 12)]) < micro.losses[1] - 0.5  # falls clearly
     plots = tmp_path / "plots"
     assert cli_main(["analyze", str(trace), "--experts", "8", "--ep", "2", "--micro-ep", "2",

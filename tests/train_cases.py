@@ -388,4 +388,49 @@ def disagreeing_policy_keeps_placement(rank, world_size):
         warnings.simplefilter("ignore", RuntimeWarning)
         moved = controller.step([model], optimizer, iteration=1)
     unchanged = all(np.array_equal(layer.placement.phy2log, old) for layer, old in zip(layers, before))
-    return {"moved": len(moved), "disagreements": controller.disagreements, "unchanged": unchanged}
+    return {"moved": len(moved), "disagreements": controller.disagreements, "unchanged": unchanged,
+            **_measurements_agree(rank, model, optimizer, sync, layers)}
+
+
+def _measurements_agree(rank, model, optimizer, sync, layers) -> dict:
+    """The time gate's inputs are the same on every rank although each rank measured its own: the
+    expert time per token (rank-dependent timer totals here), the migration time (each rank's own
+    wall time), and so the AdaptivePolicy's verdicts. Two checks with skewed identical counts:
+    the first re-places (threshold 0) and measures the migration, the second uses that measurement."""
+    from micromoe_megatron.mcore.replacement import AdaptivePolicy, agreed_max_ms, agreed_ms_per_token
+
+    untimed = [agreed_ms_per_token(layer) for layer in layers]  # built without re-placement: timer attached now
+    for layer in layers:
+        layer.expert_timer.nanoseconds, layer.expert_timer.tokens = 1000 * (rank + 1), 10 * (rank + 1)
+    ms_per_token = [agreed_ms_per_token(layer) for layer in layers]
+    max_ms = agreed_max_ms(layers[0], 1.5 + rank)
+    skewed = np.tile(np.array([40, 10, 4, 2, 1, 1, 1, 1], dtype=np.int64), (4, 1))
+    controller = ReplacementController(AdaptivePolicy(0.0), interval=1, replica_sync=sync,
+                                       micro_batches_per_iteration=3)
+    checks = []
+    for iteration in (1, 2):
+        for layer in layers:
+            layer.token_dispatcher.counts_history.append(skewed)
+            layer.expert_timer.nanoseconds, layer.expert_timer.tokens = 7000 + 500 * rank, 7 + rank
+        controller.step([model], optimizer, iteration)
+        checks.append([(c.layer_number, c.result is not None, c.result.ms if c.result else None, c.reason,
+                        c.verdict.gain_ms, c.verdict.migration_ms) for c in controller.last_check])
+    costs = [controller.migration_cost(layer, optimizer) for layer in layers]
+    # Background search: checked after iteration 2, applied after iteration 3, the same placement as a
+    # synchronous call of the policy on the same inputs.
+    hot_last = np.tile(np.array([1, 1, 1, 1, 2, 4, 10, 40], dtype=np.int64), (4, 1))
+    for layer in layers:
+        layer.token_dispatcher.counts_history.clear()
+        layer.token_dispatcher.counts_history.append(hot_last)
+    expected = [AdaptivePolicy(0.0)(layer.layer_number, np.stack(layer.token_dispatcher.counts_history),
+                                    layer.placement) for layer in layers]
+    background = ReplacementController(AdaptivePolicy(0.0), interval=2, replica_sync=sync, background=True)
+    moved = [len(background.step([model], optimizer, iteration)) for iteration in (1, 2, 3)]
+    background.close()
+    return {"untimed": untimed, "ms_per_token": ms_per_token, "max_ms": max_ms, "checks": checks,
+            "summary": controller.summary(),
+            "costs": [(c.bytes_per_slot, c.bandwidth_gbps, measured) for c, measured in costs],
+            "background_moved": moved, "background_at": (background.checked_at, background.applied_at),
+            "background_matches": all(new is not None and np.array_equal(layer.placement.phy2log, new.phy2log)
+                                      for layer, new in zip(layers, expected)),
+            "phy2log": [layer.placement.phy2log.tolist() for layer in layers]}

@@ -168,6 +168,19 @@ class MigrationCost:
         slots = float(np.maximum(received, sent).max())
         return self.latency_ms + slots * self.bytes_per_slot / (self.bandwidth_gbps * 1e9) * 1e3
 
+    def rescaled(self, measured_ms: float, moves, num_gpus: int) -> "MigrationCost":
+        """This model with its bandwidth rescaled so that ``estimate_ms(moves)`` gives ``measured_ms``.
+
+        ``measured_ms`` must be identical on every rank (e.g. the group's all-reduced max), or the
+        ranks would decide differently. Unchanged when there is nothing to scale (no moves, or a
+        measurement not above the latency).
+        """
+        predicted = self.estimate_ms(moves, num_gpus) - self.latency_ms
+        measured = measured_ms - self.latency_ms
+        if predicted > 0 and measured > 0:
+            return MigrationCost(self.bytes_per_slot, self.bandwidth_gbps * predicted / measured, self.latency_ms)
+        return self
+
 
 @dataclass(frozen=True)
 class ReplacementDecision:
@@ -318,8 +331,4 @@ class ReplacementPolicy:
         ``measured_ms`` must be the same on every rank (e.g. the group's all-reduced max), or the
         ranks would decide differently.
         """
-        predicted = self.migration.estimate_ms(moves, self.placement.num_gpus) - self.migration.latency_ms
-        measured = measured_ms - self.migration.latency_ms
-        if predicted > 0 and measured > 0:
-            bandwidth = self.migration.bandwidth_gbps * predicted / measured
-            self.migration = MigrationCost(self.migration.bytes_per_slot, bandwidth, self.migration.latency_ms)
+        self.migration = self.migration.rescaled(measured_ms, moves, self.placement.num_gpus)

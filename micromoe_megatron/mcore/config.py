@@ -58,8 +58,12 @@ class MicroEPConfig:
         "with --micro-ep-placement adaptive: consider re-placing the experts every N iterations, between "
         "the optimizer step and the next forward (0 = never, the default)"))
     replacement_threshold: float = _setting(1.05, "--micro-ep-replacement-threshold", metavar="X", help=(
-        "re-place only when the current placement's predicted GPU max/mean exceeds X (0 = always re-place "
-        "at the interval)"))
+        "re-place only when the current placement's predicted GPU max/mean exceeds X and the predicted gain "
+        "in expert time until the next check exceeds the (measured) migration time (0 = always re-place at "
+        "the interval)"))
+    replacement_background: bool = _setting(False, "--micro-ep-replacement-background", help=(
+        "with --micro-ep-placement adaptive: search the new placement in a background thread during the "
+        "next iteration and re-place after it (same decision, one iteration later)"))
     history_window: int = field(default=16, metadata=dict(help=(
         "micro-batches of all-gathered counts kept per layer for the re-placement policy (no flag)")))
     plan_cache_size: int = field(default=64, metadata=dict(help=(
@@ -86,6 +90,9 @@ class MicroEPConfig:
         if self.placement == "adaptive" and not self.replacement_interval:
             raise LayoutError("--micro-ep-placement adaptive needs --micro-ep-replacement-interval N > 0 "
                               "(how often to re-place)")
+        if self.replacement_background and not self.replacement_interval:
+            raise LayoutError("--micro-ep-replacement-background needs --micro-ep-placement adaptive and "
+                              "--micro-ep-replacement-interval N > 0")
         if self.replacement_interval and self.placement != "adaptive":
             raise LayoutError(f"--micro-ep-replacement-interval {self.replacement_interval} needs "
                               "--micro-ep-placement adaptive")

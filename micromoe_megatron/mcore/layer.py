@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from .checkpoint import LogicalExpertMap, logical_expert_state_dict
 from .config import LayoutError, MicroEPConfig
 from .dispatcher import MicroEPDispatcher
+from .expert_timer import ExpertTimer
 from ..core.placement import make_placement
 
 
@@ -77,6 +78,10 @@ class MicroMoELayer(MoELayer):
         if self.shared_expert_overlap and self.shared_experts is not None:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
         self.replacement_stats = ReplacementStats()
+        # Expert forward time per token, read by the re-placement controller's time gate (a controller
+        # attaches one itself where the config does not ask for re-placement; the hooks cost ~12-15 us a call
+        # on a loaded 2-core CPU).
+        self.expert_timer = ExpertTimer(self.experts) if micro_ep.replacement_interval else None
         # Every MicroEP group of a pipeline stage must use the same placement (they are expert-data-
         # parallel replicas of each other), so re-placement decides on counts summed over this group.
         self.expert_dp_group = getattr(pg_collection, "expt_dp", None)

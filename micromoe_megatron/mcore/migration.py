@@ -405,6 +405,8 @@ def migrate_layer(layer, new: Placement, optimizer=None) -> MigrationResult:
         for p in params:
             p.shared = not peers.is_canonical(j)
     state.copy_shared_marks()
+    if slots[0][0].is_cuda:  # the all-to-alls are asynchronous: time until the moves have landed
+        torch.cuda.synchronize(slots[0][0].device)
     return MigrationResult(moves=len(plan.moves), remote_moves=plan.remote_moves,
                            bytes_moved=plan.remote_moves * state.payload_bytes(),
                            ms=1e3 * (time.perf_counter() - start))

@@ -272,25 +272,32 @@ def _install_replacement(micro_ep, sync) -> None:
     Megatron's ``train()`` calls ``megatron.training.training.post_training_step_callbacks(model,
     optimizer, ..., iteration, ...)`` after each step and before the next forward, looked up as a
     module global at call time; it has no hook list, so the launcher wraps that one function (see
-    ``patches/README.md``). The controller migrates experts and their optimizer state there.
+    ``patches/README.md``). The controller migrates experts and their optimizer state there. The
+    policy's time gate gets the measured expert time per token, the micro-batches until the next
+    check (interval x Megatron's current number of micro-batches) and the measured migration cost.
     """
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.training import training
     from megatron.training.utils import print_rank_0
 
     from ..mcore.replacement import AdaptivePolicy, ReplacementController
 
     controller = ReplacementController(AdaptivePolicy(micro_ep.replacement_threshold),
-                                       micro_ep.replacement_interval, replica_sync=sync)
+                                       micro_ep.replacement_interval, replica_sync=sync,
+                                       micro_batches_per_iteration=get_num_microbatches,
+                                       background=micro_ep.replacement_background)
     callbacks = training.post_training_step_callbacks
 
     @functools.wraps(callbacks)
     def with_replacement(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs):
         result = callbacks(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs)
-        if micro_ep.replacement_interval and iteration % micro_ep.replacement_interval == 0:
-            moved = controller.step(model, optimizer, iteration)
-            print_rank_0(f" MicroEP re-placement check [iteration {iteration}]: {len(moved)} layer(s) re-placed, "
-                         f"{sum(r.moves for r in moved)} slots moved, {sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
-                         f"{max((r.ms for r in moved), default=0.0):.1f} ms")
+        moved = controller.step(model, optimizer, iteration)
+        if controller.applied_at == iteration:
+            applied = (f" (applied after iteration {iteration})" if controller.checked_at != iteration else "")
+            print_rank_0(f" MicroEP re-placement check [iteration {controller.checked_at}]{applied}: {len(moved)} "
+                         f"layer(s) re-placed, {sum(r.moves for r in moved)} slots moved, "
+                         f"{sum(r.bytes_moved for r in moved) / 1e6:.2f} MB, "
+                         f"{max((r.ms for r in moved), default=0.0):.1f} ms | {controller.summary()}")
         return result
 
     training.post_training_step_callbacks = with_replacement
