@@ -38,7 +38,7 @@ from .highs import new_highs
 from .loads import validate_counts
 from .placement import pad_holders, validate_holders
 from .quota import PlanWorkLimit, QuotaPlanner
-from .routing import rank_routes, route_tokens
+from .routing import route_tokens
 
 # t* is a ratio (integer load) / (subset size <= F), so it lies at least 1/F from any integer it is
 # not equal to; this tolerance only absorbs floating-point noise of the simplex.
@@ -100,7 +100,17 @@ class SchedulePlan:
         if "routes" in self.__dict__:
             routes = self.routes
             return routes[routes[:, 0] == rank], routes[routes[:, 2] == rank]
-        return rank_routes(self.tokens, self.quota, self.holder_table, rank, self.gpus_per_node)
+        if not 0 <= rank < len(self.tokens):
+            raise ValueError(f"rank must be in [0, F={len(self.tokens)}), got {rank}")
+        from . import kernels
+
+        # The plan's own arrays are int64, contiguous and consistent (checked when it was made):
+        # the kernel directly, without ``core.routing``'s input checks (this runs every micro-batch).
+        sent, received, status = kernels.rank_route(self.tokens, self.quota, self.holder_table,
+                                                    self.gpus_per_node or 0, rank)
+        if status:
+            raise ValueError(f"plan routes: inconsistent quota (status {status})")
+        return sent, received
 
     @functools.cached_property
     def remote_tokens(self) -> int:
