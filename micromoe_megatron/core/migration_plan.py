@@ -87,28 +87,50 @@ class MigrationPlan:
         return sum(not m.local for m in self.moves)
 
     @property
+    def receive_bound(self) -> int:
+        """The most changed slots on one rank: no plan, relays or not, has fewer rounds."""
+        return int(self.changed.sum(axis=1).max()) if self.changed.size else 0
+
+    @property
     def stashes(self) -> int:
         return sum(m.dst_slot == STASH for r in self.rounds for m in r)
 
 
-def _choose_moves(old: Placement, new: Placement, changed: np.ndarray) -> list[SlotMove]:
-    """One move per changed slot, sources chosen as the module docstring says; deterministic."""
-    sends = np.zeros(old.num_gpus, dtype=np.int64)
+def _choose_moves(old: Placement, new: Placement, changed: np.ndarray,
+                  relay: bool) -> tuple[list[SlotMove], list[int]]:
+    """One move per changed slot and, per move, the move whose written slot it relays from (-1:
+    it reads the old placement). Deterministic.
+
+    A GPU that held the expert copies locally. Otherwise, without ``relay``, the old holder with the
+    fewest sends so far. With ``relay``, the copy of the expert that could send soonest: an old
+    holder (ready at round 0) or a slot already given the expert by an earlier move (ready one round
+    after its write), plus twice the sends its rank already has (sends also cost the rank's other
+    experts). This is a greedy broadcast (copies multiply the senders), so a hot expert gaining
+    many replicas does not queue all its copies on its few old holders.
+    """
+    num_gpus = old.num_gpus
+    sends = np.zeros(num_gpus, dtype=np.int64)
     targets = [(int(g), int(j), int(new.phy2log[g, j])) for g, j in zip(*np.nonzero(changed))]
-    # Local copies first (they fix their source), then the experts with the fewest sources.
-    targets.sort(key=lambda t: (t[0] not in old.holders[t[2]], len(old.holders[t[2]]), t))
-    moves = []
+    # Local copies first (they fix their source), then expert by expert.
+    targets.sort(key=lambda t: (t[0] not in old.holders[t[2]], t[2], t[0], t[1]))
+    copies: dict[int, list[tuple[int, int, int, int]]] = {}  # expert -> [(ready round, rank, slot, move)]
+    moves, parent = [], []
     for g, j, expert in targets:
         slot = int(old.expert_slot[expert])
-        holders = old.holders[expert]
-        if g in holders:
-            source = g
+        if expert not in copies:
+            copies[expert] = [(0, h, slot, -1) for h in old.holders[expert]]
+        if g in old.holders[expert]:
+            ready, source = 1, (0, g, slot, -1)
         else:
-            source = min(holders, key=lambda h: (sends[h], bool(changed[h, slot]), h))
-        sends[source] += 1
-        moves.append(SlotMove(expert, int(source), slot, g, j))
-    moves.sort(key=lambda m: (m.dst_rank, m.dst_slot))
-    return moves
+            # Earliest round this copy can send (ready + queued sends), then old content first.
+            source = min(copies[expert] if relay else copies[expert][:len(old.holders[expert])],
+                         key=lambda c: (c[0] + 2 * sends[c[1]], c[3] >= 0, bool(changed[c[1], c[2]]), c[1], c[2]))
+            ready = source[0] + sends[source[1]] + 1
+        sends[source[1]] += 1
+        copies[expert].append((ready, g, j, len(moves)))
+        moves.append(SlotMove(expert, source[1], source[2], g, j))
+        parent.append(source[3])
+    return moves, parent
 
 
 def degree_bound(moves, num_gpus: int) -> int:
@@ -122,15 +144,19 @@ def degree_bound(moves, num_gpus: int) -> int:
 
 # Matching weights (lower is preferred): a move that reads a slot still to be overwritten unblocks
 # that write; a write into a slot still to be read needs a stash; dummy edges sit in between.
-_W_UNBLOCKS, _W_PLAIN, _W_DUMMY, _W_NEEDS_STASH, _W_WAITS, _W_EXCLUDED = 1.0, 2.0, 3.0, 6.0, 50.0, 1000.0
+_W_RELAY_SOURCE, _W_UNBLOCKS, _W_PLAIN, _W_DUMMY, _W_NEEDS_STASH, _W_WAITS, _W_EXCLUDED = \
+    0.9, 1.0, 2.0, 3.0, 6.0, 50.0, 1000.0
 _REMATCHES = 8
 
 
-def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
+def plan_migration(old: Placement, new: Placement, relay: bool = True) -> MigrationPlan:
     """The slot moves that turn ``old`` into ``new``, in rounds; pure and deterministic.
 
     Args:
         old, new: placements over the same ``F`` GPUs x ``L`` slots and ``E`` experts.
+        relay: also try relaying copies from slots written earlier in the migration, and keep
+            whichever plan has fewer rounds (False: every copy reads the old placement, and the
+            rounds are the edge colouring of those moves).
     Returns:
         A ``MigrationPlan``; executing its rounds in order (reads before writes within a round)
         leaves every slot ``(g, j)`` holding ``new.phy2log[g, j]``.
@@ -140,14 +166,31 @@ def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
     if old.phy2log.shape != new.phy2log.shape or old.num_experts != new.num_experts:
         raise ValueError(f"cannot migrate between placements of {old.phy2log.shape} / {old.num_experts} experts "
                          f"and {new.phy2log.shape} / {new.num_experts} experts")
-    num_gpus = old.num_gpus
     changed = old.phy2log != new.phy2log
-    pending = _choose_moves(old, new, changed)
+    # Relays help when a hot expert gains many replicas and cost precedence otherwise: plan both
+    # ways, keep the fewer rounds (ties: no relays).
+    plans = [_pack(old, changed, *_choose_moves(old, new, changed, relays)) for relays in (False, True)[:1 + relay]]
+    best = min(plans, key=lambda plan: len(plan.rounds))
+    changed.setflags(write=False)
+    return best
+
+
+def _pack(old: Placement, changed: np.ndarray, pending: list[SlotMove], parent: list[int]) -> MigrationPlan:
+    """Rounds for the moves ``pending`` (see the module docstring)."""
+    num_gpus = old.num_gpus
     bound = degree_bound(pending, num_gpus)
-    readers: dict[tuple[int, int], set[int]] = defaultdict(set)  # changed slot -> pending moves reading it
+    readers: dict[tuple[int, int], set[int]] = defaultdict(set)  # changed slot -> pending reads of its old content
+    children: dict[int, set[int]] = defaultdict(set)  # move -> pending moves relaying from its slot
     for i, m in enumerate(pending):
-        if changed[m.src_rank, m.src_slot]:
+        if parent[i] >= 0:
+            children[parent[i]].add(i)
+        elif changed[m.src_rank, m.src_slot]:
             readers[m.src_rank, m.src_slot].add(i)
+    waiting_for = {i: p for i, p in enumerate(parent) if p >= 0}  # relays whose source is not written yet
+    height = np.zeros(len(pending), dtype=np.int64)  # longest chain of relays below each move
+    for i in range(len(pending) - 1, -1, -1):  # a relay's parent comes before it in `pending`
+        if parent[i] >= 0:
+            height[parent[i]] = max(height[parent[i]], height[i] + 1)
     stashed: dict[int, dict[int, set[int]]] = defaultdict(dict)  # rank -> {slot: pending moves reading its stash}
     live = dict(enumerate(pending))
     rounds = []
@@ -157,12 +200,12 @@ def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
         # round goes ahead with a second stash rather than never finishing.
         excluded: set[int] = set()
         for _ in range(_REMATCHES):
-            chosen = _match_round(live, readers, stashed, num_gpus, excluded)
+            chosen = _match_round(live, readers, stashed, num_gpus, excluded, waiting_for, height)
             done = _feasible(chosen, live, readers, stashed, limit=1)
             if len(done) == len(chosen):
                 break
             excluded |= set(chosen) - done
-        done = done or set(chosen)
+        done = done or set(chosen) or {min(i for i in live if i not in waiting_for)}  # always progress
         batch = []
         for held in stashed.values():
             for slot in [slot for slot, waiting in held.items() if not waiting - done]:
@@ -185,8 +228,9 @@ def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
                 if not readers[source]:
                     del readers[source]
             batch.append(m)
+            for k in children.pop(i, ()):  # relays from this slot may go from the next round on
+                waiting_for.pop(k, None)
         rounds.append(tuple(batch))
-    changed.setflags(write=False)
     return MigrationPlan(tuple(rounds), changed, bound)
 
 
@@ -208,7 +252,9 @@ def _feasible(chosen, live, readers, stashed, limit: int) -> set[int]:
         done -= drop
 
 
-def _move_weight(i: int, m: SlotMove, readers, stashed) -> float:
+def _move_weight(i: int, m: SlotMove, readers, stashed, height) -> float:
+    if height[i]:  # the start of a chain of relays: the longest chain first (critical path)
+        return _W_RELAY_SOURCE / height[i]
     later = readers.get((m.dst_rank, m.dst_slot), set()) - {i}
     if later:
         return _W_WAITS if stashed[m.dst_rank] else _W_NEEDS_STASH
@@ -217,7 +263,8 @@ def _move_weight(i: int, m: SlotMove, readers, stashed) -> float:
     return _W_PLAIN
 
 
-def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, excluded: set[int]) -> list[int]:
+def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, excluded: set[int],
+                 waiting_for: dict[int, int], height) -> list[int]:
     """The moves of one round: a min-weight perfect matching of the remaining senders x receivers
     multigraph made regular with dummy edges (every rank of largest degree moves one slot)."""
     send = np.zeros(num_gpus, dtype=np.int64)
@@ -226,7 +273,8 @@ def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, exc
     for i, m in live.items():
         send[m.src_rank] += 1
         receive[m.dst_rank] += 1
-        key = (_W_EXCLUDED if i in excluded else _move_weight(i, m, readers, stashed), i)
+        idle = i in excluded or i in waiting_for  # matched only to keep the graph regular
+        key = (_W_EXCLUDED if idle else _move_weight(i, m, readers, stashed, height), i)
         pair = (m.src_rank, m.dst_rank)
         if pair not in best or key < best[pair]:
             best[pair] = key
@@ -248,7 +296,7 @@ def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, exc
         weights.setdefault((s, r), _W_DUMMY)
     pairs = sorted(weights)
     matched = _min_weight_perfect_matching(pairs, [weights[p] for p in pairs], num_gpus)
-    chosen = [best[p][1] for p in matched if p in best and best[p][1] not in excluded]
+    chosen = [best[p][1] for p in matched if p in best and best[p][0] < _W_EXCLUDED]
     return chosen
 
 
