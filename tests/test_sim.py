@@ -284,4 +284,7 @@ def test_bench_balance_adaptive_column():
     result = bench_balance(steps=6, skews=(1.5,), num_gpus=8, num_experts=16, tokens_per_gpu=1024, warm_up=2)
     row = result["rows"][0]
     assert row["adaptive_p50"] < row["symmetric_p50"] and row["replacements"] >= 1 and row["fallbacks"] == 0
-    assert "MicroEP adaptive" in format_balance(result)
+    assert "MicroEP adaptive" in format_balance(result) and "its replica bound" in format_balance(result)
+    # The replica counts' floor is a lower bound of what the LP achieves on the same placement.
+    assert 0 < row["replica_bound_p50"] <= row["adaptive_p50"] and row["replica_bound_p99"] <= row["adaptive_p99"]
+    assert 0 <= row["outliers_after_replacement"] <= row["adaptive_outliers"] <= 6
