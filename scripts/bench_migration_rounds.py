@@ -8,7 +8,7 @@ Columns: slot moves; ``recv``: the most changed slots on one rank (no plan has f
 ``Δ``: the most moves one rank sends or receives when every copy reads the old placement (the
 edge-colouring bound, König); rounds of the plan without relays and of the default plan (relays
 through slots already written, kept when shorter); stashed payloads; planning time (ms, one CPU
-core, both plans). Pure numpy + HiGHS, no torch.
+core, both plans, CPU time of this process). Pure numpy + HiGHS, no torch.
 Usage: PYTHONPATH=. python scripts/bench_migration_rounds.py [--shapes 8x32x2 64x256x2 ...] [--skews 0.9 1.2]
 """
 
@@ -52,9 +52,9 @@ def main() -> None:
         num_gpus, num_experts, replicas = map(int, shape.split("x"))
         for name, old, new in cases(num_gpus, num_experts, replicas, args.skews):
             plain = plan_migration(old, new, relay=False)
-            start = time.perf_counter()
+            start = time.process_time()
             plan = plan_migration(old, new)
-            ms = 1e3 * (time.perf_counter() - start)
+            ms = 1e3 * (time.process_time() - start)
             print(f"{shape:>10} {name:<40} {len(plan.moves):>5} {plan.receive_bound:>4} {plain.bound:>3} | "
                   f"{len(plain.rounds):>6} {len(plan.rounds):>7} {plan.stashes:>7} {ms:>7.0f}", flush=True)
 

@@ -191,6 +191,7 @@ def _pack(old: Placement, changed: np.ndarray, pending: list[SlotMove], parent: 
     for i in range(len(pending) - 1, -1, -1):  # a relay's parent comes before it in `pending`
         if parent[i] >= 0:
             height[parent[i]] = max(height[parent[i]], height[i] + 1)
+    highs = new_highs(highspy.HighsLp())  # one solver for every round's matching (its model is replaced)
     stashed: dict[int, dict[int, set[int]]] = defaultdict(dict)  # rank -> {slot: pending moves reading its stash}
     live = dict(enumerate(pending))
     rounds = []
@@ -200,7 +201,7 @@ def _pack(old: Placement, changed: np.ndarray, pending: list[SlotMove], parent: 
         # round goes ahead with a second stash rather than never finishing.
         excluded: set[int] = set()
         for _ in range(_REMATCHES):
-            chosen = _match_round(live, readers, stashed, num_gpus, excluded, waiting_for, height)
+            chosen = _match_round(live, readers, stashed, num_gpus, excluded, waiting_for, height, highs)
             done = _feasible(chosen, live, readers, stashed, limit=1)
             if len(done) == len(chosen):
                 break
@@ -264,7 +265,7 @@ def _move_weight(i: int, m: SlotMove, readers, stashed, height) -> float:
 
 
 def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, excluded: set[int],
-                 waiting_for: dict[int, int], height) -> list[int]:
+                 waiting_for: dict[int, int], height, highs: highspy.Highs) -> list[int]:
     """The moves of one round: a min-weight perfect matching of the remaining senders x receivers
     multigraph made regular with dummy edges (every rank of largest degree moves one slot)."""
     send = np.zeros(num_gpus, dtype=np.int64)
@@ -295,12 +296,13 @@ def _match_round(live: dict[int, SlotMove], readers, stashed, num_gpus: int, exc
         short_receive[r] -= amount
         weights.setdefault((s, r), _W_DUMMY)
     pairs = sorted(weights)
-    matched = _min_weight_perfect_matching(pairs, [weights[p] for p in pairs], num_gpus)
+    matched = _min_weight_perfect_matching(pairs, [weights[p] for p in pairs], num_gpus, highs)
     chosen = [best[p][1] for p in matched if p in best and best[p][0] < _W_EXCLUDED]
     return chosen
 
 
-def _min_weight_perfect_matching(pairs: list[tuple[int, int]], weights: list[float], n: int) -> list[tuple[int, int]]:
+def _min_weight_perfect_matching(pairs: list[tuple[int, int]], weights: list[float], n: int,
+                                 highs: highspy.Highs) -> list[tuple[int, int]]:
     """A min-weight perfect matching of the bipartite graph ``pairs`` (sender, receiver) on ``n + n``
     vertices, as the assignment LP (HiGHS: its vertex solutions are integral, Birkhoff)."""
     lp = highspy.HighsLp()
@@ -312,7 +314,7 @@ def _min_weight_perfect_matching(pairs: list[tuple[int, int]], weights: list[flo
     lp.a_matrix_.start_ = np.arange(0, 2 * len(pairs) + 1, 2).astype(np.int32)
     lp.a_matrix_.index_ = np.array([[s, n + r] for s, r in pairs], dtype=np.int32).ravel()
     lp.a_matrix_.value_ = np.ones(2 * len(pairs))
-    highs = new_highs(lp)
+    highs.passModel(lp)
     highs.run()
     x = np.asarray(highs.getSolution().col_value)
     matched = [pairs[k] for k in np.flatnonzero(x > 0.5)]
