@@ -169,8 +169,10 @@ def plan_migration(old: Placement, new: Placement, relay: bool = True) -> Migrat
     changed = old.phy2log != new.phy2log
     # Relays help when a hot expert gains many replicas and cost precedence otherwise: plan both
     # ways, keep the fewer rounds (ties: no relays).
-    plans = [_pack(old, changed, *_choose_moves(old, new, changed, relays)) for relays in (False, True)[:1 + relay]]
-    best = min(plans, key=lambda plan: len(plan.rounds))
+    best = _pack(old, changed, *_choose_moves(old, new, changed, False))
+    if relay and len(best.rounds) > best.receive_bound:  # at the receive bound nothing is shorter
+        relayed = _pack(old, changed, *_choose_moves(old, new, changed, True))
+        best = relayed if len(relayed.rounds) < len(best.rounds) else best
     changed.setflags(write=False)
     return best
 
