@@ -1,13 +1,15 @@
 """The slot moves of a live migration between two placements, packed into rounds (paper Sec. 6.4).
 
-Pure numpy + scipy, no torch: every rank computes the same plan from the same two placements, and
+Pure numpy + HiGHS, no torch: every rank computes the same plan from the same two placements, and
 ``mcore/migration.py`` executes it. Every rank's slot ``j`` must end up holding logical expert
 ``new.phy2log[rank, j]``'s weights and optimizer state exactly as they were.
 
 Moves. A slot whose expert stays put is not touched. A changed slot ``(g, j)`` copies its new
-expert from an old holder: ``g`` itself when it held the expert (a local copy, no traffic), else a
-holder whose slot does not change (never overwritten), else any holder; among equals the one with
-the fewest sends so far (sends are what limit the rounds).
+expert from an old holder: ``g`` itself when it held the expert (a local copy, no traffic), else
+the holder with the fewest sends so far (sends are what limit the rounds), one whose slot does not
+change first among equals. Relays: a hot expert gaining many replicas would queue all its copies on
+its few old holders, so a second plan may also copy from slots that received the expert in an
+earlier round (a greedy broadcast); ``plan_migration`` keeps it when it has fewer rounds.
 
 Rounds. In one round every rank sends (reads) at most one slot and receives (writes) at most one;
 a local copy is both the rank's send and its receive. Within a round every read happens before any
@@ -23,7 +25,10 @@ The matching's weights favour reads of such slots and disfavour writes into them
 still goes first saves the slot's old payload aside on its rank in the same round (a "stash", read
 before the write), and the later reads take it from there. A rank holds at most one stash: a write
 that would need a second one waits for a later round (the plan may then exceed ``Δ`` rounds).
-Cycles of moves (swaps) are the same case: one stash breaks each.
+Cycles of moves (swaps) are the same case: one stash breaks each. Relays add the order "a slot's
+write before any read of its new content"; a relay waits for it, and the matching favours the
+starts of the longest relay chains. No plan has fewer rounds than the most changed slots on one
+rank (``receive_bound``); ``scripts/bench_migration_rounds.py`` prints both bounds.
 
 Peak extra memory per rank: one payload sent plus one received per round and at most one stashed
 (each one slot's weights and optimizer state).
