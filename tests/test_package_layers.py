@@ -115,7 +115,7 @@ def test_the_walk_sees_function_local_imports():
 
 @pytest.mark.parametrize("statement", [
     "import micromoe_megatron.core.placement, micromoe_megatron.core.schedule, micromoe_megatron.core.routing, "
-    "micromoe_megatron.core.loads",
+    "micromoe_megatron.core.loads, micromoe_megatron.core.migration_plan",
     "import micromoe_megatron; micromoe_megatron.ReplicaScheduler; micromoe_megatron.Placement",
     "import micromoe_megatron.cli",
 ])

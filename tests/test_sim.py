@@ -225,12 +225,32 @@ def test_analyze_adaptive_replay_is_causal_and_counts_re_placements():
     assert row["micro_ep_p50"] < static["micro_ep_p50"]     # skew 1.5: symmetric cannot balance
 
 
+def test_analyze_adaptive_reports_the_steady_state_apart():
+    """Micro-batches planned after the first re-placement get their own percentiles; the ones before
+    (the symmetric start) are only in the all-micro-batch columns."""
+    counts = drifting_counts(micro_batches=8)
+    result = analysis.analyze(counts, ep=4, micro_ep=2, placement="adaptive", replacement_interval=3)
+    row = result["layers"][0]
+    series, steady = row["series"]["micro_ep"], row["series"]["steady"]
+    # The first check follows micro-batch 3 (index 2); skew 1.5 makes it re-place there.
+    assert row["replacements"] >= 1 and row["steady_micro_batches"] == len(steady) == 5
+    assert steady == series[3:]
+    assert row["micro_ep_steady_p99"] == float(np.percentile(series[3:], 99))
+    assert max(series[:3]) > row["micro_ep_steady_p99"]        # the warm-up is what the steady state leaves out
+    assert result["overall"]["micro_ep_steady_p50"] == float(np.percentile(series[3:], 50))
+    never = analysis.analyze(counts, ep=4, micro_ep=2, placement="adaptive", replacement_interval=20)["layers"][0]
+    assert never["steady_micro_batches"] == 0 and never["micro_ep_steady_p99"] is None
+    assert "steady" in analysis.format_analysis(result) and " - " not in analysis.format_analysis(result)
+    assert "micro_ep_steady_p99" not in analysis.analyze(counts, ep=4, micro_ep=2)["layers"][0]
+
+
 def test_analyze_adaptive_command(tmp_path, capsys):
     path = write_counts(drifting_counts(micro_batches=4, gpus=8), tmp_path / "c.npz")
     assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "adaptive",
                      "--replacement-interval", "2"]) == 0
     out = capsys.readouterr().out
     assert "re-placement check every 2 micro-batches" in out and "re-placements (slots moved)" in out
+    assert "steady n" in out
     assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "adaptive",
                      "--replacement-interval", "0"]) == 2
     assert "--replacement-interval must be >= 1" in capsys.readouterr().err
@@ -264,4 +284,7 @@ def test_bench_balance_adaptive_column():
     result = bench_balance(steps=6, skews=(1.5,), num_gpus=8, num_experts=16, tokens_per_gpu=1024, warm_up=2)
     row = result["rows"][0]
     assert row["adaptive_p50"] < row["symmetric_p50"] and row["replacements"] >= 1 and row["fallbacks"] == 0
-    assert "MicroEP adaptive" in format_balance(result)
+    assert "MicroEP adaptive" in format_balance(result) and "its replica bound" in format_balance(result)
+    # The replica counts' floor is a lower bound of what the LP achieves on the same placement.
+    assert 0 < row["replica_bound_p50"] <= row["adaptive_p50"] and row["replica_bound_p99"] <= row["adaptive_p99"]
+    assert 0 <= row["outliers_after_replacement"] <= row["adaptive_outliers"] <= 6

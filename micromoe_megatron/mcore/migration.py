@@ -5,12 +5,10 @@ Given a layer's current and new ``Placement`` (any valid slot tables over the sa
 optimizer state of logical expert ``new.phy2log[rank, j]``, exactly as they were before: the model
 and the optimizer are unchanged, only where they live moves.
 
-* ``plan_migration`` (pure numpy, identical on every rank): the slot moves. A slot whose expert stays
-  put is not touched; a changed slot copies from a holder of its new expert in the old placement,
-  preferring one whose slot does not change (never overwritten), then the rank itself (no traffic).
-  Sends are spread over the candidate holders. Moves are sequenced in rounds: each rank sends at most one slot and receives at most one per round,
-  and no slot is overwritten while a later move still reads it; a cycle of moves (a swap) is broken
-  by stashing one slot's payload (a "parallel copy" sequentialisation).
+* ``plan_migration`` (pure, in ``core/migration_plan.py``, identical on every rank): the slot moves
+  packed into rounds, each rank sending at most one slot and receiving at most one per round, reads
+  before writes within a round, and no slot overwritten while a later move still reads it (its old
+  payload is stashed on its rank first). The rounds meet the degree bound (König) in practice.
 * ``SlotState``: reads/writes one slot's full payload ``[Q, n]`` (row 0 the fp32 weights, then each
   per-element Adam state, e.g. ``exp_avg``, ``exp_avg_sq``) from Megatron's optimizers:
 
@@ -28,7 +26,7 @@ and the optimizer are unchanged, only where they live moves.
   (``main_grad``, views of DDP's grad buffer) are not moved: they are zeroed before the next step.
 
 Peak extra memory per rank: one payload sent plus one received per round (each one slot's weights
-and Adam state), plus a stashed payload while a cycle is broken, and for the distributed optimizer
+and Adam state), plus at most one stashed payload, and for the distributed optimizer
 the EDP gather buffer (about one slot). Nothing layer-sized is ever copied.
 """
 
@@ -42,112 +40,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..core.migration_plan import STASH, MigrationPlan, SlotMove, plan_migration
 from ..core.placement import Placement
 
-STASH = -1  # a move's src_slot when it reads a stashed payload, its dst_slot when it stashes one
-
-
-@dataclass(frozen=True)
-class SlotMove:
-    """Copy logical ``expert``'s payload from (src_rank, src_slot) to (dst_rank, dst_slot).
-
-    ``src_slot == STASH``: read the payload stashed on src_rank for ``stash_of`` instead of a slot.
-    ``dst_slot == STASH``: keep the payload of (src_rank, src_slot) on that rank (a local stash).
-    """
-
-    expert: int
-    src_rank: int
-    src_slot: int
-    dst_rank: int
-    dst_slot: int
-    stash_of: int = -1  # the slot whose payload was stashed (for STASH moves)
-
-    @property
-    def local(self) -> bool:
-        return self.src_rank == self.dst_rank
-
-
-@dataclass(frozen=True)
-class MigrationPlan:
-    """Rounds of moves (see the module docstring); ``changed`` is bool ``[F, L]``."""
-
-    rounds: tuple[tuple[SlotMove, ...], ...]
-    changed: np.ndarray
-
-    @property
-    def moves(self) -> list[SlotMove]:
-        return [m for r in self.rounds for m in r if m.dst_slot != STASH]
-
-    @property
-    def remote_moves(self) -> int:
-        """Slot payloads sent between ranks of the MicroEP group."""
-        return sum(not m.local for m in self.moves)
-
-
-def _pick_source(old: Placement, changed: np.ndarray, rank: int, expert: int, sends: Counter) -> tuple[int, int]:
-    """A holder of ``expert`` in ``old`` to copy from: one whose slot stays (never overwritten) if any,
-    the destination itself if it can (no traffic), else the holder with the fewest sends so far
-    (each rank sends one slot per round, so balanced sends mean fewer rounds)."""
-    slot = int(old.expert_slot[expert])
-    holders = old.holders[expert]
-    candidates = [h for h in holders if not changed[h, slot]] or list(holders)
-    if rank in candidates:
-        return rank, slot
-    source = min(candidates, key=lambda h: (sends[h], h))
-    sends[source] += 1
-    return source, slot
-
-
-def plan_migration(old: Placement, new: Placement) -> MigrationPlan:
-    """The slot moves that turn ``old`` into ``new``; pure and deterministic (same on every rank).
-
-    Args:
-        old, new: placements over the same ``F`` GPUs x ``L`` slots and ``E`` experts.
-    Raises:
-        ValueError: the placements do not have the same shape or expert count.
-    """
-    if old.phy2log.shape != new.phy2log.shape or old.num_experts != new.num_experts:
-        raise ValueError(f"cannot migrate between placements of {old.phy2log.shape} / {old.num_experts} experts "
-                         f"and {new.phy2log.shape} / {new.num_experts} experts")
-    changed = old.phy2log != new.phy2log
-    pending, sends = [], Counter()
-    for g, j in zip(*np.nonzero(changed)):
-        expert = int(new.phy2log[g, j])
-        src_rank, src_slot = _pick_source(old, changed, int(g), expert, sends)
-        pending.append(SlotMove(expert, src_rank, src_slot, int(g), int(j)))
-
-    reads = Counter((m.src_rank, m.src_slot) for m in pending)  # pending reads per slot
-
-    def changed_source(move: SlotMove) -> bool:
-        return move.src_slot != STASH and bool(changed[move.src_rank, move.src_slot])
-
-    rounds = []
-    while pending:
-        sending, receiving, chosen = set(), set(), []
-        # Moves that read a slot about to change go first: they unblock the writes into it.
-        for move in sorted(pending, key=lambda m: not changed_source(m)):
-            if reads[move.dst_rank, move.dst_slot] or move.src_rank in sending or move.dst_rank in receiving:
-                continue
-            chosen.append(move)
-            sending.add(move.src_rank)
-            receiving.add(move.dst_rank)
-        if not chosen:  # every remaining move overwrites a slot still to be read: a cycle
-            blocked = (pending[0].dst_rank, pending[0].dst_slot)
-            stash = SlotMove(int(old.phy2log[blocked]), blocked[0], blocked[1], blocked[0], STASH,
-                             stash_of=blocked[1])
-            pending = [SlotMove(m.expert, m.src_rank, STASH, m.dst_rank, m.dst_slot, stash_of=m.src_slot)
-                       if (m.src_rank, m.src_slot) == blocked else m for m in pending]
-            reads[blocked] = 0
-            chosen = [stash]
-        else:
-            taken = set(map(id, chosen))
-            pending = [m for m in pending if id(m) not in taken]
-            for m in chosen:
-                if m.src_slot != STASH:
-                    reads[m.src_rank, m.src_slot] -= 1
-        rounds.append(tuple(chosen))
-    changed.setflags(write=False)
-    return MigrationPlan(tuple(rounds), changed)
+__all__ = ["STASH", "MigrationPlan", "SlotMove", "plan_migration", "SlotState", "MigrationError",
+           "MigrationResult", "execute_plan", "migrate_layer"]
 
 
 # ---------------------------------------------------------------- optimizer state of one slot
@@ -352,13 +249,22 @@ def execute_plan(plan: MigrationPlan, state: SlotState, rank: int, group) -> Non
     """Run ``plan``'s rounds on this rank (collective over ``group``, the MicroEP group)."""
     world = dist.get_world_size(group)
     stash: dict[int, torch.Tensor] = {}
+    # A stash may be read by several moves: keep it until its last read.
+    stash_reads = Counter(m.stash_of for moves in plan.rounds for m in moves
+                          if m.src_rank == rank and m.src_slot == STASH)
     n = state.rows * state.numel
     for moves in plan.rounds:
         outgoing, incoming = None, None
         for m in moves:
             if m.src_rank != rank:
                 continue
-            payload = stash.pop(m.stash_of) if m.src_slot == STASH else state.read(m.src_slot)
+            if m.src_slot == STASH:
+                payload = stash[m.stash_of]
+                stash_reads[m.stash_of] -= 1
+                if not stash_reads[m.stash_of]:
+                    del stash[m.stash_of]
+            else:
+                payload = state.read(m.src_slot)
             if m.dst_slot == STASH:
                 stash[m.stash_of] = payload
             elif m.local:

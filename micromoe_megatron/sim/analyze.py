@@ -26,7 +26,10 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
     micro-batch is planned on the current placement before its counts are recorded, and every
     ``replacement_interval`` micro-batches the group may re-place from what it has seen
     (``ReplacementPolicy`` with ``replacement_threshold``). Rows then count the re-placements and
-    the slots moved.
+    the slots moved, and give the steady state apart: ``steady_micro_batches`` and
+    ``micro_ep_steady_p50/p90/p99`` are over the micro-batches planned after every group's first
+    re-placement (the rest ran on the symmetric start while the forecast warmed up); None when no
+    micro-batch came after it.
     """
     num_gpus, num_experts = counts.num_gpus, counts.num_experts
     group = ep * micro_ep
@@ -56,30 +59,41 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
                                           gpus_per_node=gpus_per_node) for _ in groups]
         else:
             planners = [ReplicaLP("MicroEP", layout.holders, group, gpus_per_node) for _ in groups]
-        before, after, fallbacks = [], [], 0
+        before, after, steady, fallbacks = [], [], [], 0
         for step, tokens in enumerate(array):
             load_before = np.concatenate([vanilla.outcome(tokens[g]).load for g in groups])
+            # Planned on a re-placed table in every group (re-placement comes after a micro-batch's plan).
+            settled = adaptive and all(p.replacements for p in planners)
             outcomes = [p.outcome(tokens[g]) for p, g in zip(planners, groups)]
             load_after = np.concatenate([o.load for o in outcomes])
             fallbacks += sum(o.fallback for o in outcomes)
             before.append(max_over_mean(load_before))
             after.append(max_over_mean(load_after))
+            if settled:
+                steady.append(after[-1])
             loads[(layer, step)] = (load_before, load_after)
         row = {"layer": layer, "micro_batches": len(array), "fallbacks": fallbacks}
         if adaptive:
             row["replacements"] = sum(p.policy.replacements for p in planners)
             row["slots_moved"] = sum(p.policy.slots_moved for p in planners)
+            row["steady_micro_batches"] = len(steady)
+            for q in PERCENTILES:
+                row[f"micro_ep_steady_p{q}"] = float(np.percentile(steady, q)) if steady else None
         for name, values in (("vanilla", before), ("micro_ep", after)):
             for q in PERCENTILES:
                 row[f"{name}_p{q}"] = float(np.percentile(values, q))
             row[f"{name}_mean"] = float(np.mean(values))
-        row["series"] = {"vanilla": before, "micro_ep": after}
+        row["series"] = {"vanilla": before, "micro_ep": after, **({"steady": steady} if adaptive else {})}
         layers.append(row)
         if progress:
             progress(f"  layer {layer}: {len(array)} micro-batches, max/mean p50 {row['vanilla_p50']:.3f} -> "
                      f"{row['micro_ep_p50']:.3f}")
     overall = {f"{name}_p{q}": float(np.percentile([v for r in layers for v in r["series"][name]], q))
                for name in ("vanilla", "micro_ep") for q in PERCENTILES}
+    if adaptive:
+        steady = [v for r in layers for v in r["series"]["steady"]]
+        overall.update({f"micro_ep_steady_p{q}": float(np.percentile(steady, q)) if steady else None
+                        for q in PERCENTILES})
     return {"gpus": num_gpus, "experts": num_experts, "ep": ep, "micro_ep": micro_ep, "placement": placement,
             "group_size": group, "layers": layers, "overall": overall, "_loads": loads,
             **({"replacement_interval": replacement_interval, "replacement_threshold": replacement_threshold}
@@ -102,16 +116,27 @@ def format_analysis(result: dict) -> str:
              "GPU max/mean tokens per micro-batch:",
              f"{'layer':>5} {'micro-batches':>13} | {'vanilla EP p50':>14} {'p90':>6} {'p99':>6} | "
              f"{'MicroEP p50':>11} {'p90':>6} {'p99':>6} | fallbacks"
-             + (" | re-placements (slots moved)" if adaptive else "")]
+             + (f" | {'re-placements (slots moved)':<27} | {'steady n':>8} {'p50':>6} {'p99':>6}" if adaptive else "")]
     for row in result["layers"]:
         lines.append(f"{row['layer']:>5} {row['micro_batches']:>13} | {row['vanilla_p50']:>14.3f} "
                      f"{row['vanilla_p90']:>6.3f} {row['vanilla_p99']:>6.3f} | {row['micro_ep_p50']:>11.3f} "
                      f"{row['micro_ep_p90']:>6.3f} {row['micro_ep_p99']:>6.3f} | {row['fallbacks']:>9}"
-                     + (f" | {row['replacements']} ({row['slots_moved']})" if adaptive else ""))
+                     + (f" | {str(row['replacements']) + ' (' + str(row['slots_moved']) + ')':<27} | "
+                        f"{row['steady_micro_batches']:>8} {_ratio(row['micro_ep_steady_p50'])} "
+                        f"{_ratio(row['micro_ep_steady_p99'])}" if adaptive else ""))
     o = result["overall"]
     lines.append(f"{'all':>5} {'':>13} | {o['vanilla_p50']:>14.3f} {o['vanilla_p90']:>6.3f} {o['vanilla_p99']:>6.3f} | "
-                 f"{o['micro_ep_p50']:>11.3f} {o['micro_ep_p90']:>6.3f} {o['micro_ep_p99']:>6.3f} |")
+                 f"{o['micro_ep_p50']:>11.3f} {o['micro_ep_p90']:>6.3f} {o['micro_ep_p99']:>6.3f} |"
+                 + (f"{'':>10} | {'':<27} | {'':>8} {_ratio(o['micro_ep_steady_p50'])} "
+                    f"{_ratio(o['micro_ep_steady_p99'])}" if adaptive else ""))
+    if adaptive:
+        lines.append("MicroEP p50/p90/p99: every micro-batch, the warm-up on the symmetric start included. Steady: "
+                     "only the n micro-batches planned after every group's first re-placement.")
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return f"{value:>6.3f}" if value is not None else f"{'-':>6}"
 
 
 def write_plots(result: dict, directory: str | Path, layer: int | None = None, step: int = 0) -> list[Path]:
