@@ -289,12 +289,14 @@ def execute_plan(plan: MigrationPlan, state: SlotState, rank: int, group) -> Non
         raise RuntimeError(f"migration plan left payloads stashed for slots {sorted(stash)}")
 
 
-def migrate_layer(layer, new: Placement, optimizer=None) -> MigrationResult:
+def migrate_layer(layer, new: Placement, optimizer=None, plan: MigrationPlan | None = None) -> MigrationResult:
     """Move ``layer``'s expert slots (a MicroMoELayer) and optimizer state to ``new``, then switch the
     layer's placement (dispatcher scheduler, tables) and its slots' ``shared`` marks.
 
     Call between iterations (after ``optimizer.step()``, before the next forward) on every rank of
-    the model at once; every rank must pass the same ``new``. Raises MigrationError (see SlotState).
+    the model at once; every rank must pass the same ``new``. ``plan``: ``plan_migration(
+    layer.placement, new)`` computed ahead (e.g. in the re-placement's background thread; it is a
+    pure function of the two tables); None plans here. Raises MigrationError (see SlotState).
     """
     from .replicas import slot_parameters
 
@@ -303,7 +305,10 @@ def migrate_layer(layer, new: Placement, optimizer=None) -> MigrationResult:
     rank = dist.get_rank(group)
     slots = slot_parameters(layer.experts, layer.num_local_experts)
     state = SlotState(slots, optimizer)
-    plan = plan_migration(layer.placement, new)
+    if plan is None:
+        plan = plan_migration(layer.placement, new)
+    elif not np.array_equal(plan.changed, layer.placement.phy2log != new.phy2log):
+        raise MigrationError(f"layer {layer.layer_number}: the migration plan was made for other tables")
     execute_plan(plan, state, rank, group)
     layer.set_placement(new)
     peers = new.slot_peers(rank)
