@@ -96,7 +96,8 @@ class SchedulePlan:
 
     def rank_routes(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``(sent [S, 4], received [R, 4])``: the rows of ``routes`` with ``src == rank`` and with
-        ``dst == rank``, in order, computed without the other ranks' rows (``core.routing.rank_routes``)."""
+        ``dst == rank``, in order, computed without the other ranks' rows (``kernels.rank_route``;
+        ``core.routing.rank_routes`` is the same with input checks, for arrays from elsewhere)."""
         if "routes" in self.__dict__:
             routes = self.routes
             return routes[routes[:, 0] == rank], routes[routes[:, 2] == rank]
