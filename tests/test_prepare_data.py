@@ -152,8 +152,29 @@ def test_launcher_names_the_missing_data_flags():
         check_data_args(SimpleNamespace(**none))
     with pytest.raises(SystemExit, match="HuggingFaceTokenizer needs --tokenizer-model DIR"):
         check_data_args(SimpleNamespace(**{**none, "data_path": ["d/corpus"]}))
-    check_data_args(SimpleNamespace(**{**none, "data_path": ["d/corpus"], "tokenizer_model": "d/tok"}))
+    with pytest.raises(SystemExit, match="--data-path d/corpus: no d/corpus.idx"):
+        check_data_args(SimpleNamespace(**{**none, "data_path": ["d/corpus"], "tokenizer_model": "d/tok", "split": None}))
     check_data_args(SimpleNamespace(**{**none, "mock_data": True, "tokenizer_type": "NullTokenizer"}))
+
+
+def test_launcher_refuses_a_split_that_leaves_a_split_without_documents(tmp_path):
+    """Megatron's default --split 969,30,1 on a 3-document corpus leaves the test split empty, and
+    megatron-core then loops forever building it: refused in one line naming --split and the fix."""
+    from types import SimpleNamespace
+
+    from micromoe_megatron.training.pretrain_gpt import check_data_args
+
+    for i, text in enumerate(DOCS):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    prepare([str(tmp_path / f"doc{i}.txt") for i in range(len(DOCS))], str(tmp_path / "d"), vocab_size=260)
+    args = dict(mock_data=False, data_path=["1.0", str(tmp_path / "d")], data_args_path=None, train_data_path=None,
+                valid_data_path=None, test_data_path=None, per_split_data_args_path=None,
+                tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tok")
+    for split in (None, "99,1,0"):
+        with pytest.raises(SystemExit, match=r"gives the (test|validation) split of .* no document.*--split 100,0,0"):
+            check_data_args(SimpleNamespace(**args, split=split))
+    check_data_args(SimpleNamespace(**args, split="100,0,0"))
+    check_data_args(SimpleNamespace(**args, split="2,1,0"))
 
 
 # ---------------------------------------------------------------- training on the prepared corpus
@@ -199,8 +220,10 @@ def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp
     assert [int(i) for i, _ in checks] == [3, 6, 9, 12]
     assert sum(int(n) for _, n in checks) > 0, "the skewed real routing should have been re-placed"
     # The launcher feeds the time gate: measured expert time per token and migration cost, per layer.
-    gates = re.findall(r"layer \d+: [^;]*gain ([\d.]+) ms vs migration ([\d.]+) ms", micro.log)
-    assert gates and any(float(gain) > 0 for gain, _ in gates), "expert time per token was not measured"
+    gates = re.findall(r"layer \d+: [^;]*gain ([-\d.e+]+) ms vs migration ([-\d.e+]+) ms, experts ([-\d.e+]+) us per "
+                       r"token", micro.log)
+    assert gates and all(float(per_token) > 0 for _, _, per_token in gates), "expert time per token was not measured"
+    assert any(float(migration) > 0 for _, migration, _ in gates), "no migration cost in the gate"
     assert np.mean([micro.losses[i] for i in (10, 11, 12)]) < micro.losses[1] - 0.5  # falls clearly
     plots = tmp_path / "plots"
     assert cli_main(["analyze", str(trace), "--experts", "8", "--ep", "2", "--micro-ep", "2",

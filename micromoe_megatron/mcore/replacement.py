@@ -105,12 +105,15 @@ class Verdict:
 @dataclass(frozen=True)
 class LayerCheck:
     """What one check did for one layer: the policy's verdict (None if it gives none), the migration
-    (None when kept) with ``ms`` the group's slowest rank's time, and the controller's reason."""
+    (None when kept) with ``ms`` the group's slowest rank's time, the controller's reason, and the
+    agreed expert forward time per token-expert assignment the check measured (ms; None when the
+    policy takes no measurements)."""
 
     layer_number: int
     verdict: Verdict | None
     result: MigrationResult | None
     reason: str
+    ms_per_token: float | None = None
 
 
 def _micro_layers(model_chunks) -> list:
@@ -300,7 +303,8 @@ class ReplacementController:
         return layer.layer_number, history, layer.placement
 
     def _decide(self, jobs) -> list[tuple]:
-        """``[(layer, current, new or None, verdict or None, predicted max/mean, migration plan or None)]``: the policy on the
+        """``[(layer, current, new or None, verdict or None, predicted max/mean, migration plan or None,
+        measured ms per token or None)]``: the policy on the
         gathered inputs. No collectives and no model access, so it may run in a background thread."""
         decided = []
         for layer, args in jobs:
@@ -322,14 +326,16 @@ class ReplacementController:
             # 0.1-0.5 s of CPU at 64 x 256: made here, so with ``background`` it is off the critical path.
             plan = (plan_migration(current, new) if new is not None and not np.array_equal(new.phy2log, current.phy2log)
                     else None)
-            decided.append((layer, current, new, verdict, predicted, plan))
+            measured = args[3] if len(args) > 3 else None
+            decided.append((layer, current, new, verdict, predicted, plan,
+                            None if measured is None else measured.ms_per_token))
         return decided
 
     def _apply(self, decided, optimizer, checked_at: int, iteration: int) -> list[MigrationResult]:
         """Agree on and carry out ``_decide``'s answers (collectives: call on every rank)."""
         done, self.last_check = [], []
         self.checked_at, self.applied_at = checked_at, iteration
-        for layer, current, new, verdict, predicted, plan in decided:
+        for layer, current, new, verdict, predicted, plan, ms_per_token in decided:
             reason = verdict.reason if verdict is not None else ("re-place" if new is not None else "keep")
             if layer.placement is not current:  # moved since the check (cannot happen: one pending check)
                 new, reason = None, "placement changed since the check; kept"
@@ -347,7 +353,7 @@ class ReplacementController:
             if predicted is not None:
                 layer.replacement_stats.predicted_max_mean = predicted
             if new is None:
-                self.last_check.append(LayerCheck(layer.layer_number, verdict, None, reason))
+                self.last_check.append(LayerCheck(layer.layer_number, verdict, None, reason, ms_per_token))
                 continue
             cost, _ = self.migration_cost(layer, optimizer)
             modelled = slot_moves(current, new)
@@ -361,18 +367,21 @@ class ReplacementController:
             stats.bytes_moved += result.bytes_moved
             done.append(result)
             self.results.append((layer.layer_number, result))
-            self.last_check.append(LayerCheck(layer.layer_number, verdict, result, reason))
+            self.last_check.append(LayerCheck(layer.layer_number, verdict, result, reason, ms_per_token))
         if done and self.replica_sync is not None:
             self.replica_sync.placement_changed()
         return done
 
     def summary(self) -> str:
-        """One line on the last check: per layer, kept or re-placed, gain vs migration ms, and why."""
+        """One line on the last check: per layer, kept or re-placed, gain vs migration ms, the measured
+        expert time per token, and why."""
         parts = []
         for check in self.last_check:
             v = check.verdict
-            times = (f", gain {v.gain_ms:.2f} ms vs migration {v.migration_ms:.2f} ms"
+            times = (f", gain {v.gain_ms:.3g} ms vs migration {v.migration_ms:.3g} ms"
                      if v is not None and np.isfinite(v.gain_ms) else "")
+            if check.ms_per_token is not None:
+                times += f", experts {check.ms_per_token * 1e3:.3g} us per token"
             done = (f"re-placed ({check.result.moves} slots, {check.result.ms:.1f} ms)" if check.result is not None
                     else "kept")
             parts.append(f"layer {check.layer_number}: {done}{times}: {check.reason}")

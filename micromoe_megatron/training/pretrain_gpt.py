@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 
+import numpy as np
 import torch
 
 from ..mcore import cpu_compat, megatron_fixes
@@ -92,6 +93,41 @@ def check_data_args(args) -> None:
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         raise SystemExit("pretrain_gpt.py: error: --tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR "
                          "(the tokenizer directory `micromoe prepare-data` prints)")
+    if args.data_path:
+        _check_splits(args)
+
+
+# Megatron's value when --data-path comes without --split (megatron/training/arguments.py).
+MEGATRON_DEFAULT_SPLIT = "969, 30, 1"
+
+
+def _check_splits(args) -> None:
+    """Refuse a ``--split`` share that leaves a dataset's split without a single document:
+    megatron-core 0.19.2 then loops forever in ``GPTDataset._get_num_epochs`` (0 tokens per
+    epoch), on every rank. Megatron splits each ``--data-path`` prefix by documents, bounds
+    ``round(cumulative share x documents)`` (``blended_megatron_dataset_builder``)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    split = args.split if args.split is not None else MEGATRON_DEFAULT_SPLIT
+    shares = parse_and_normalize_split(split)
+    bounds = np.cumsum([0.0, *shares])
+    for prefix in args.data_path:
+        try:
+            float(prefix)
+            continue  # a blend weight, not a prefix
+        except ValueError:
+            pass
+        if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
+            raise SystemExit(f"pretrain_gpt.py: error: --data-path {prefix}: no {prefix}.idx / {prefix}.bin "
+                             "(make them with `micromoe prepare-data`)")
+        documents = len(IndexedDataset(prefix))
+        for name, share, begin, end in zip(("train", "validation", "test"), shares, bounds[:-1], bounds[1:]):
+            if share > 0 and int(round(end * documents)) <= int(round(begin * documents)):
+                raise SystemExit(
+                    f"pretrain_gpt.py: error: --split {split!r} gives the {name} split of {prefix} "
+                    f"({documents} documents) no document, and megatron-core hangs on an empty split; "
+                    f"pass a 0 share for it (e.g. --split 100,0,0) or use more documents")
 
 
 def print_help() -> None:
