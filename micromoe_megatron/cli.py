@@ -35,10 +35,18 @@ def _int_field(data: dict, name: str, minimum: int = 1, required: bool = True) -
     return value
 
 
+def _known_fields(where: str, data: dict, known: tuple[str, ...]) -> None:
+    """A misspelled field would silently fall back to its default: refuse it by name."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(known)}")
+
+
 def load_instance(data) -> tuple[tuple[tuple[int, ...], ...], np.ndarray, int, int | None]:
     """Parse a schedule instance (see README) into (holders, tokens [F, E], F, gpus_per_node)."""
     if not isinstance(data, dict):
         raise InputError("instance: must be a JSON object")
+    _known_fields("instance", data, ("num_gpus", "gpus_per_node", "holders", "placement", "tokens"))
     num_gpus = _int_field(data, "num_gpus")
     gpus_per_node = _int_field(data, "gpus_per_node", required=False)
     if ("holders" in data) == ("placement" in data):
@@ -53,6 +61,7 @@ def load_instance(data) -> tuple[tuple[tuple[int, ...], ...], np.ndarray, int, i
         spec = data["placement"]
         if not isinstance(spec, dict):
             raise InputError("placement: must be an object {kind, experts, replicas, seed}")
+        _known_fields("placement", spec, ("kind", "experts", "replicas", "seed", "file"))
         kind = spec.get("kind", "symmetric")
         try:
             layout = placement.make_placement(
@@ -91,13 +100,16 @@ def _read_json(path: str):
 
 
 def cmd_schedule(args) -> None:
+    if args.work_limit is not None and not 0 <= args.work_limit < 2**62:
+        raise InputError(f"--work-limit must be in [0, 2**62) (0: always the fallback plan), got {args.work_limit}")
     holders, tokens, num_gpus, gpus_per_node = load_instance(_read_json(args.instance))
     try:
         scheduler = ReplicaScheduler(holders, num_gpus, gpus_per_node=gpus_per_node,
                                      work_limit=args.work_limit, solve_lp=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    plan = scheduler.plan(tokens)
+    scheduler.plan(tokens)  # the process's first plan loads the compiled kernels (~0.3 s): not the plan's time
+    plan = scheduler.plan(tokens)  # a pure function of the counts: the same plan
     if args.json:
         print(json.dumps(plan.to_json()))
         return
@@ -163,12 +175,14 @@ def _cost(args, shape):
             raise InputError("--gemm-file and --calibrate: give one (measured GPU GEMMs, or this machine's)")
         try:
             return calibrate_from_gpu_bench(args.gemm_file, shape)
-        except FileNotFoundError:
-            raise InputError(f"--gemm-file {args.gemm_file}: no such file; write one with "
-                             "scripts/gpu_bench.sh --json PATH") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"--gemm-file {args.gemm_file}: not a gpu_bench result ({exc}); write one with "
-                             "scripts/gpu_bench.sh --json PATH") from None
+        except OSError as exc:
+            raise InputError(f"--gemm-file {args.gemm_file}: cannot read it ({exc.strerror}); write one with "
+                             "scripts/gpu_bench.sh OUT.json") from None
+        except ValueError as exc:  # json.JSONDecodeError included
+            detail = str(exc).removeprefix(f"{args.gemm_file}: ")
+            if "gpu_bench.sh" not in detail:
+                detail += "; write one with scripts/gpu_bench.sh OUT.json"
+            raise InputError(f"--gemm-file {args.gemm_file}: not a gpu_bench result: {detail}") from None
     return calibrate_gemm(shape) if args.calibrate else CostModel()
 
 
@@ -192,6 +206,11 @@ def cmd_analyze(args) -> None:
         print(f"plot: {path}")
 
 
+def _check_share(flag: str, value: float) -> None:
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise InputError(f"{flag} must be in [0, 1], got {value}")
+
+
 def cmd_simulate(args) -> None:
     import dataclasses
 
@@ -202,11 +221,11 @@ def cmd_simulate(args) -> None:
     for flag, value in (("--ep", args.ep), ("--micro-ep", args.micro_ep), ("--micro-batches", args.micro_batches)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--variability", args.variability), ("--history-fraction", args.history_fraction)):
-        if not 0 <= value <= 1:
-            raise InputError(f"{flag} must be in [0, 1], got {value}")
-    if args.skew < 0:
-        raise InputError(f"--skew must be >= 0, got {args.skew}")
+    _check_share("--variability", args.variability)
+    if not 0 <= args.history_fraction < 1:
+        raise InputError(f"--history-fraction must be in [0, 1) (the rest is evaluated), got {args.history_fraction}")
+    if not (math.isfinite(args.skew) and args.skew >= 0):
+        raise InputError(f"--skew must be a finite number >= 0, got {args.skew}")
     shape = dataclasses.replace(shape, ep=args.ep or shape.ep, micro_ep=args.micro_ep or shape.micro_ep)
     if args.replacement_interval is not None and args.replacement_interval < 1:
         raise InputError(f"--replacement-interval must be >= 1 micro-batch, got {args.replacement_interval}")
@@ -238,7 +257,12 @@ def cmd_simulate(args) -> None:
 
 def cmd_bench(args) -> None:
     progress = _progress(args)
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.what != "paper" and (args.gemm_file or args.calibrate):
+        raise InputError(f"--gemm-file and --calibrate apply to `bench paper` only, not `bench {args.what}`")
     if args.what == "paper":
+        _check_share("--variability", args.variability)
         from .sim.paper import PAPER_MODELS, bench_paper, format_paper
 
         cost = (lambda shape: _cost(args, shape)) if args.gemm_file else _cost(args, PAPER_MODELS[0])
@@ -325,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: share of each micro-batch's expert popularity redrawn (0..1)")
     p.add_argument("--calibrate", action="store_true", help="paper: measure GEMM throughput on this machine")
     p.add_argument("--gemm-file", metavar="JSON",
-                   help="paper: grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh --json")
+                   help="paper: grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh OUT.json")
     p.add_argument("--gpus", type=int, default=8, help="balance: F, GPUs in the MicroEP group")
     p.add_argument("--experts", type=int, default=32, help="balance: E, experts")
     p.add_argument("--replicas", type=int, default=2, help="balance: d, replicas per expert")
@@ -375,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate", action="store_true", help="measure GEMM throughput on this machine")
     p.add_argument("--gemm-file", metavar="JSON",
-                   help="grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh --json")
+                   help="grouped-GEMM throughput measured on a GPU by scripts/gpu_bench.sh OUT.json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_simulate)
 

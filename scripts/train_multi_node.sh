@@ -13,7 +13,7 @@ nproc=$("$py" -m micromoe_megatron.training.launch_config "$config" --field npro
 nnodes=${NNODES:-$("$py" -m micromoe_megatron.training.launch_config "$config" --field nnodes)}
 eval "config_args=($("$py" -m micromoe_megatron.training.launch_config "$config" "${mode[@]}"))"
 # Pre-flight: the rank's own argument checks, once, so a refused flag is one line, not one per rank.
-MICROMOE_CHECK_ARGS=1 WORLD_SIZE="$((nnodes * nproc))" LOCAL_WORLD_SIZE="$nproc" RANK=0 LOCAL_RANK=0 \
+MICROMOE_CHECK_ARGS=1 PYTHONWARNINGS=ignore WORLD_SIZE="$((nnodes * nproc))" LOCAL_WORLD_SIZE="$nproc" RANK=0 LOCAL_RANK=0 \
   "$py" "$repo/scripts/pretrain_gpt.py" "${config_args[@]}" "$@" || exit $?
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 exec "$py" -m torch.distributed.run --nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" \

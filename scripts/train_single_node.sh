@@ -10,7 +10,7 @@ mode=(); if [ "${1:-}" = "--no-micro-ep" ]; then mode=(--no-micro-ep); shift; fi
 nproc=$("$py" -m micromoe_megatron.training.launch_config "$config" --field nproc_per_node)
 eval "config_args=($("$py" -m micromoe_megatron.training.launch_config "$config" "${mode[@]}"))"
 # Pre-flight: the rank's own argument checks, once, so a refused flag is one line, not one per rank.
-MICROMOE_CHECK_ARGS=1 WORLD_SIZE="$nproc" LOCAL_WORLD_SIZE="$nproc" RANK=0 LOCAL_RANK=0 \
+MICROMOE_CHECK_ARGS=1 PYTHONWARNINGS=ignore WORLD_SIZE="$nproc" LOCAL_WORLD_SIZE="$nproc" RANK=0 LOCAL_RANK=0 \
   "$py" "$repo/scripts/pretrain_gpt.py" "${config_args[@]}" "$@" || exit $?
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$py" -m torch.distributed.run --nproc-per-node "$nproc" --master-addr 127.0.0.1 \

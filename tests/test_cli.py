@@ -120,12 +120,34 @@ def test_placement_errors(capsys, argv, message):
     (["--micro-ep", "0"], "--micro-ep must be >= 1"),
     (["--ep", "0"], "--ep must be >= 1"),
     (["--variability", "1.5"], "--variability must be in [0, 1]"),
-    (["--history-fraction", "-0.1"], "--history-fraction must be in [0, 1]"),
-    (["--skew", "-1"], "--skew must be >= 0"),
+    (["--history-fraction", "-0.1"], "--history-fraction must be in [0, 1)"),
+    (["--skew", "-1"], "--skew must be a finite number >= 0"),
 ])
 def test_simulate_errors_name_the_flag(capsys, argv, message):
     code, _, err = run(["simulate", *argv], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "paper", "--steps", "0"], "--steps must be >= 1"),
+    (["bench", "paper", "--variability", "2"], "--variability must be in [0, 1]"),
+    (["bench", "schedule", "--calibrate"], "apply to `bench paper` only"),
+    (["simulate", "--history-fraction", "1"], "--history-fraction must be in [0, 1)"),
+    (["simulate", "--skew", "nan"], "--skew must be a finite number"),
+])
+def test_bench_and_simulate_edge_values_are_one_line(capsys, argv, message):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_schedule_instance_errors_name_the_field(tmp_path, capsys):
+    misspelled = {**INSTANCE, "gpus_per_nodes": 2}
+    code, _, err = run(["schedule", write(tmp_path, misspelled)], capsys)
+    assert code == 2 and "unknown field 'gpus_per_nodes'" in err
+    code, _, err = run(["schedule", write(tmp_path, {"num_gpus": 4, "holders": [], "tokens": [[]] * 4})], capsys)
+    assert code == 2 and "holders: no experts" in err
+    code, _, err = run(["schedule", write(tmp_path, INSTANCE), "--work-limit", str(2**70)], capsys)
+    assert code == 2 and "--work-limit must be in [0, 2**62)" in err
 
 
 def test_schedule_says_when_the_plan_fell_back(tmp_path, capsys):

@@ -51,8 +51,12 @@ def test_cost_model_takes_the_measured_gemm(bench):
     measured = [row["tflops"] for row in bench["gemm"]["rows"]]
     assert min(measured) <= cost.expert_tflops <= max(measured)
     assert "gpu_bench" in cost.source
-    with pytest.raises(ValueError, match="gpu_bench.sh --json"):
+    with pytest.raises(ValueError, match="gpu_bench.sh OUT.json"):
         calibrate_from_gpu_bench({"gemm": {"rows": []}}, shape)
+    for bad in ([1, 2], {"gemm": {"rows": [{"tokens": 16, "tflops": 0}]}},
+                {"gemm": {"rows": [{"tokens": 16, "tflops": -5}]}}, {"gemm": {"rows": [{"tokens": 16}]}}):
+        with pytest.raises(ValueError, match="gpu_bench.sh OUT.json"):
+            calibrate_from_gpu_bench(bad, shape)
 
 
 def test_bench_paper_projects_from_the_measured_gemm_file(bench, tmp_path, capsys):
@@ -65,4 +69,4 @@ def test_bench_paper_projects_from_the_measured_gemm_file(bench, tmp_path, capsy
     assert any("measured by gpu_bench" in line for line in result["cost_model"])
     assert cli.main(["bench", "paper", "--gemm-file", str(tmp_path / "missing.json")]) == 2
     (error,) = capsys.readouterr().err.strip().splitlines()
-    assert "--gemm-file" in error and "gpu_bench.sh --json" in error
+    assert "--gemm-file" in error and "gpu_bench.sh OUT.json" in error

@@ -57,6 +57,9 @@ def test_a_ranks_routes_are_its_rows_of_all_routes_and_remote_tokens_match():
             assert np.array_equal(sent, routes[routes[:, 0] == rank])
             assert np.array_equal(received, routes[routes[:, 2] == rank])
         assert plan.remote_tokens == int(routes[routes[:, 0] != routes[:, 2], 3].sum())
+        for rank in (-1, gpus, 1.0, True):  # the same refusal whether or not ``routes`` was built
+            with pytest.raises(ValueError, match="rank must be an integer"):
+                plan.rank_routes(rank)
 
 
 def test_rank_routes_match_all_routes_on_random_quotas_and_node_sizes():

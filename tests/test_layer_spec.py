@@ -42,7 +42,7 @@ def test_decoder_block_spec_with_mixed_dense_and_moe_layers():
     (dict(replicas=0), "--micro-ep must be >= 1"),
     (dict(replicas=2, placement="ring"), "--micro-ep-placement 'ring' is unknown"),
     (dict(replicas=2, placement="custom"), "needs --micro-ep-placement-file"),
-    (dict(replicas=2, solver_work_limit=0), "--micro-ep-solver-work-limit must be > 0"),
+    (dict(replicas=2, solver_work_limit=0), "--micro-ep-solver-work-limit must be in \\[1, 2\\*\\*62\\)"),
 ])
 def test_config_errors_name_the_flag(kwargs, message):
     with pytest.raises(LayoutError, match=message):

@@ -358,6 +358,8 @@ def validate_holders(holders, num_gpus: int) -> tuple[tuple[int, ...], ...]:
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     holders = tuple(tuple(int(g) for g in h) for h in holders)
+    if not holders:
+        raise ValueError("holders: no experts; give one holder list per expert")
     for e, gpus in enumerate(holders):
         if not gpus:
             raise ValueError(f"holders[{e}]: expert {e} has no holder")

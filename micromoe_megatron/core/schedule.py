@@ -98,11 +98,11 @@ class SchedulePlan:
         """``(sent [S, 4], received [R, 4])``: the rows of ``routes`` with ``src == rank`` and with
         ``dst == rank``, in order, computed without the other ranks' rows (``kernels.rank_route``;
         ``core.routing.rank_routes`` is the same with input checks, for arrays from elsewhere)."""
+        if not (isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and 0 <= rank < len(self.tokens)):
+            raise ValueError(f"rank must be an integer in [0, F={len(self.tokens)}), got {rank!r}")
         if "routes" in self.__dict__:
             routes = self.routes
             return routes[routes[:, 0] == rank], routes[routes[:, 2] == rank]
-        if not 0 <= rank < len(self.tokens):
-            raise ValueError(f"rank must be in [0, F={len(self.tokens)}), got {rank}")
         from . import kernels
 
         # The plan's own arrays are int64, contiguous and consistent (checked when it was made):
@@ -172,8 +172,8 @@ class ReplicaScheduler:
                 gpus_per_node < num_gpus and num_gpus % gpus_per_node)):
             raise ValueError(f"gpus_per_node must be >= 1 and divide num_gpus={num_gpus} "
                              f"(or be >= it), got {gpus_per_node}")
-        if work_limit is not None and work_limit < 0:
-            raise ValueError(f"work_limit must be >= 0 or None, got {work_limit}")
+        if work_limit is not None and not 0 <= work_limit < 2**62:  # the compiled loops count in int64
+            raise ValueError(f"work_limit must be in [0, 2**62) or None, got {work_limit}")
         self.num_gpus = num_gpus
         self.num_experts = len(self.holders)
         self.gpus_per_node = gpus_per_node

@@ -101,8 +101,8 @@ class MicroEPConfig:
                               f"phy2log JSON file (got {self.placement_file!r})")
         if self.placement != "custom" and self.placement_file:
             raise LayoutError("--micro-ep-placement-file is only read with --micro-ep-placement custom")
-        if not self.solver_work_limit > 0:
-            raise LayoutError(f"--micro-ep-solver-work-limit must be > 0, got {self.solver_work_limit}")
+        if not 0 < self.solver_work_limit < 2**62:
+            raise LayoutError(f"--micro-ep-solver-work-limit must be in [1, 2**62), got {self.solver_work_limit}")
 
     @property
     def initial_placement(self) -> str:

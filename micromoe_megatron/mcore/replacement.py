@@ -378,7 +378,7 @@ class ReplacementController:
         parts = []
         for check in self.last_check:
             v = check.verdict
-            times = (f", gain {v.gain_ms:.3g} ms vs migration {v.migration_ms:.3g} ms"
+            times = (f", gain {round(v.gain_ms, 6):.3g} ms vs migration {round(v.migration_ms, 6):.3g} ms"
                      if v is not None and np.isfinite(v.gain_ms) else "")
             if check.ms_per_token is not None:
                 times += f", experts {check.ms_per_token * 1e3:.3g} us per token"

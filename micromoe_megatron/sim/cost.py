@@ -8,6 +8,7 @@ measured (on a GPU box, read back anywhere).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -199,7 +200,8 @@ def calibrate_from_gpu_bench(bench: str | dict, shape: ModelShape, base: CostMod
     scaled by the same factor relative to the defaults, as in ``calibrate_gemm``.
 
     Raises:
-        ValueError: the file has no GEMM rows (names the file and how to make one).
+        ValueError: the file is not such a result: no ``gemm.rows``, or a row without positive
+            finite ``tokens`` and ``tflops`` (names the file, the row and how to make one).
     """
     import json
 
@@ -207,13 +209,20 @@ def calibrate_from_gpu_bench(bench: str | dict, shape: ModelShape, base: CostMod
     if isinstance(bench, str):
         with open(bench) as f:
             bench = json.load(f)
-    rows = sorted((bench.get("gemm") or {}).get("rows") or [], key=lambda row: row["tokens"])
-    if not rows:
-        raise ValueError(f"{label}: no gemm.rows; write one with scripts/gpu_bench.sh --json PATH")
+    how = "write one with scripts/gpu_bench.sh OUT.json"
+    gemm = bench.get("gemm") if isinstance(bench, dict) else None
+    rows = gemm.get("rows") if isinstance(gemm, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{label}: no gemm.rows; {how}")
+    for i, row in enumerate(rows):
+        values = [row.get(key) if isinstance(row, dict) else None for key in ("tokens", "tflops")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                   for v in values):
+            raise ValueError(f"{label}: gemm.rows[{i}] needs positive finite 'tokens' and 'tflops', got {row!r}; {how}")
+    rows = sorted(rows, key=lambda row: row["tokens"])
     base = base or CostModel()
     tokens = shape.tokens_per_gpu * shape.top_k
     tflops = float(np.interp(np.log(tokens), np.log([r["tokens"] for r in rows]), [r["tflops"] for r in rows]))
-    gemm = bench["gemm"]
     return replace(base, expert_tflops=tflops, dense_tflops=base.dense_tflops * tflops / base.expert_tflops,
                    source=f"grouped GEMM measured by gpu_bench on {bench.get('device', '?')} "
                           f"({gemm.get('backend', '?')}, H {gemm.get('hidden')}, FFN {gemm.get('ffn_hidden')}): "

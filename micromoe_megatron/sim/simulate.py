@@ -70,7 +70,8 @@ def simulate(counts: RoutingCounts, shape: ModelShape, cost: CostModel | None = 
     samples: dict[str, dict[str, list]] = {}
     replacements: dict[str, int] = {}
     for layer, array in sorted(counts.layers.items()):
-        history_len = max(1, int(len(array) * history_fraction)) if len(array) > 1 else 0
+        # At least one micro-batch of history (EPLB needs one) and at least one evaluated.
+        history_len = min(max(1, int(len(array) * history_fraction)), len(array) - 1) if len(array) > 1 else 0
         history, evaluated = (array[:history_len], array[history_len:]) if history_len else (array, array)
         groups = [slice(start, start + group) for start in range(0, counts.num_gpus, group)]
         strategies = [build_strategies(group, counts.num_experts, shape.ep, shape.micro_ep, history[:, g],

@@ -136,8 +136,10 @@ def iter_documents(files: list[Path], json_key: str = "text", explicit: set[Path
 # ---------------------------------------------------------------- tokenizer
 
 
-# Byte-level BPE: 256 byte tokens plus the two special tokens.
+# Byte-level BPE: 256 byte tokens plus the two special tokens. The upper bound keeps the trainer's
+# allocation sane (tokenizers aborts the process on a failed allocation; 10**11 asked for 4.5 TB).
 MIN_VOCAB_SIZE = 256 + 2
+MAX_VOCAB_SIZE = 4_000_000
 
 
 def train_tokenizer(documents: Callable[[], Iterator[str]], vocab_size: int):
@@ -252,8 +254,9 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
         raise DataError(f"--output-prefix {output_prefix}: {out_dir} is not writable")
     tokenizer_dir = Path(tokenizer_out or f"{prefix}-tokenizer")
 
-    if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:  # before any announcement or slow import
-        raise DataError(f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB_SIZE} (256 byte tokens + 2 special tokens)")
+    if tokenizer is None and not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:  # before any announcement or import
+        raise DataError(f"--vocab-size {vocab_size}: must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE:,}] "
+                        "(256 byte tokens + 2 special tokens at least; real vocabularies are 32k-256k)")
     with warnings.catch_warnings():  # megatron-core's "TransformerEngine / Apex not installed" notes: not for data prep
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path

@@ -124,10 +124,12 @@ def _check_splits(args) -> None:
         documents = len(IndexedDataset(prefix))
         for name, share, begin, end in zip(("train", "validation", "test"), shares, bounds[:-1], bounds[1:]):
             if share > 0 and int(round(end * documents)) <= int(round(begin * documents)):
+                fix = ("give it a larger share" if name == "train" else
+                       "pass a 0 share for it (e.g. --split 100,0,0) or a larger one")
                 raise SystemExit(
                     f"pretrain_gpt.py: error: --split {split!r} gives the {name} split of {prefix} "
                     f"({documents} documents) no document, and megatron-core hangs on an empty split; "
-                    f"pass a 0 share for it (e.g. --split 100,0,0) or use more documents")
+                    f"{fix}, or use more documents")
 
 
 def print_help() -> None:
@@ -379,6 +381,9 @@ def main(argv=None) -> None:
         # The launch scripts' pre-flight (scripts/train_*_node.sh): the same parse and checks as
         # every rank makes, once, before torchrun starts ranks, so a refused flag prints one line
         # instead of one per rank plus torchrun's ChildFailedError traceback.
+        import logging
+
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # only the verdict: no dataset INFO lines
         parse_arguments(argv, quiet=True)
         return
     args, micro_ep, cpu_changes = parse_arguments(argv)
