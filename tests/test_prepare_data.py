@@ -220,10 +220,11 @@ def test_training_on_prepared_text_matches_stock_and_its_routing_is_analysed(tmp
     assert [int(i) for i, _ in checks] == [3, 6, 9, 12]
     assert sum(int(n) for _, n in checks) > 0, "the skewed real routing should have been re-placed"
     # The launcher feeds the time gate: measured expert time per token and migration cost, per layer.
-    gates = re.findall(r"layer \d+: [^;]*gain ([-\d.e+]+) ms vs migration ([-\d.e+]+) ms, experts ([-\d.e+]+) us per "
+    gates = re.findall(r"layer \d+: [^;\n]*?gain ([-\d.e+]+) ms vs migration ([-\d.e+]+) ms, experts ([-\d.e+]+) us per "
                        r"token", micro.log)
     assert gates and all(float(per_token) > 0 for _, _, per_token in gates), "expert time per token was not measured"
-    assert any(float(migration) > 0 for _, migration, _ in gates), "no migration cost in the gate"
+    lines = [line for line in micro.log.splitlines() if "re-placement check" in line]
+    assert any(float(migration) > 0 for _, migration, _ in gates), f"no migration cost in the gate: {lines}"
     assert np.mean([micro.losses[i] for i in (10, 11, 12)]) < micro.losses[1] - 0.5  # falls clearly
     plots = tmp_path / "plots"
     assert cli_main(["analyze", str(trace), "--experts", "8", "--ep", "2", "--micro-ep", "2",
