@@ -97,6 +97,14 @@ def check_data_args(args) -> None:
         _check_splits(args)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # Megatron's value when --data-path comes without --split (megatron/training/arguments.py).
 MEGATRON_DEFAULT_SPLIT = "969, 30, 1"
 
@@ -113,11 +121,8 @@ def _check_splits(args) -> None:
     shares = parse_and_normalize_split(split)
     bounds = np.cumsum([0.0, *shares])
     for prefix in args.data_path:
-        try:
-            float(prefix)
-            continue  # a blend weight, not a prefix
-        except ValueError:
-            pass
+        if _is_number(prefix):  # a blend weight ("0.3 prefix_a 0.7 prefix_b"), not a prefix
+            continue
         if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
             raise SystemExit(f"pretrain_gpt.py: error: --data-path {prefix}: no {prefix}.idx / {prefix}.bin "
                              "(make them with `micromoe prepare-data`)")
