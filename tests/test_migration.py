@@ -137,11 +137,13 @@ def test_a_failed_round_matching_still_gives_a_valid_plan(monkeypatch):
     assert len(plan.rounds) >= bound
 
 
-@pytest.mark.parametrize("micro_ep, distributed_optimizer", [(2, False), (2, True), (1, True)],
-                         ids=["d2-plain-optimizer", "d2-distributed-optimizer", "d1-distributed-optimizer-edp2"])
-def test_migration_round_trip_moves_weights_and_adam_state(rank_pool, micro_ep, distributed_optimizer):
+@pytest.mark.parametrize("micro_ep, distributed_optimizer, bf16",
+                         [(2, False, False), (2, True, False), (1, True, False), (2, False, True), (2, True, True)],
+                         ids=["d2-plain-optimizer", "d2-distributed-optimizer", "d1-distributed-optimizer-edp2",
+                              "d2-bf16-float16-optimizer", "d2-bf16-distributed-optimizer"])
+def test_migration_round_trip_moves_weights_and_adam_state(rank_pool, micro_ep, distributed_optimizer, bf16):
     runs = rank_pool.run("tests.train_cases:migration_round_trip", micro_ep=micro_ep,
-                         distributed_optimizer=distributed_optimizer)
+                         distributed_optimizer=distributed_optimizer, bf16=bf16)
     for rank in runs:
         assert rank["mismatches"] == []
     # Reference per (layer, logical expert) from before the moves; every holder agrees on it.

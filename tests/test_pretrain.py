@@ -104,11 +104,12 @@ def test_layout_bound_optimizer_checkpoint_is_refused_at_start_up(runs):
     assert "[rank0]: Traceback" not in run.log and not run.losses
 
 
-def _pair(options: list[str], iters: int = 3, tolerance: float = 1e-5):
-    """Stock and MicroEP runs with the same options; loss and grad norm of every iteration agree."""
+def _pair(options: list[str], iters: int = 3, tolerance: float = 1e-5, micro_options: tuple[str, ...] = ()):
+    """Stock and MicroEP runs with the same options (MicroEP adds ``micro_options``); loss and grad norm
+    of every iteration agree."""
     common = ["--train-iters", str(iters), *options]
     stock = pretrain(common).check()
-    micro = pretrain([*common, "--micro-ep", "2"]).check()
+    micro = pretrain([*common, "--micro-ep", "2", *micro_options]).check()
     assert sorted(stock.losses) == sorted(micro.losses) == list(range(1, iters + 1))
     assert _relative(stock.losses, micro.losses, range(1, iters + 1)) < tolerance
     assert _relative(stock.grad_norms, micro.grad_norms, range(1, iters + 1)) < tolerance
@@ -143,6 +144,14 @@ def test_pipeline_parallel_and_recompute_match_stock():
     assert "--moe-router-num-groups 2 with --micro-ep" in micro.log  # the routing bound warning
 
 
-def test_bf16_matches_stock_within_round_off():
-    """bf16 is equal to within bf16 round-off, not bit-identical (sums run in another order)."""
-    _pair(["--expert-model-parallel-size", "2", "--bf16"], iters=2, tolerance=2e-2)
+def test_bf16_with_adaptive_placement_matches_stock_within_round_off():
+    """bf16 is equal to within bf16 round-off, not bit-identical (sums run in another order). The MicroEP
+    run has adaptive re-placement checked after every iteration with the distributed optimizer: the
+    launcher accepts it in bf16 and times the experts. (This mock data routes evenly, so the checks keep
+    the placement; tests/test_replicas.py re-places every iteration in bf16.)"""
+    _, micro = _pair(["--expert-model-parallel-size", "2", "--bf16", "--use-distributed-optimizer"], iters=3,
+                     tolerance=2e-2, micro_options=("--micro-ep-placement", "adaptive", "--micro-ep-replacement-"
+                                                    "interval", "1", "--micro-ep-replacement-threshold", "0"))
+    checks = re.findall(r"MicroEP re-placement check \[iteration (\d+)\]: .*experts ([\d.e+-]+) us per token",
+                        micro.log)
+    assert [int(i) for i, _ in checks] == [1, 2, 3] and all(float(t) > 0 for _, t in checks), micro.log[-3000:]

@@ -15,6 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -27,13 +28,13 @@ from micromoe_megatron.mcore.replicas import ReplicaSync, check_replicas, replic
 VOCAB, SEQ, MICRO_BATCH, NUM_EXPERTS, EP = 128, 16, 2, 8, 2
 
 
-def _config(ep_size: int) -> TransformerConfig:
-    return TransformerConfig(
+def _config(ep_size: int, bf16: bool = False) -> TransformerConfig:
+    return TransformerConfig(bf16=bf16,
         num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_moe_experts=NUM_EXPERTS,
         moe_router_topk=2, moe_ffn_hidden_size=64, expert_model_parallel_size=ep_size,
         use_cpu_initialization=True, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
         add_bias_linear=False, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
-        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False)
 
@@ -100,7 +101,8 @@ def _logical_expert_weights(model) -> dict:
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
             for slot, logical in enumerate(_logical_slots(module)):
-                flat = torch.cat([p.detach().reshape(-1) for p in module.experts.local_experts[slot].parameters()])
+                flat = torch.cat([p.detach().reshape(-1).float()
+                                  for p in module.experts.local_experts[slot].parameters()])
                 weights[f"{name}/{logical}"] = flat.numpy().copy()
     return weights
 
@@ -175,12 +177,13 @@ def unequal_placement(seed: int) -> placement_lib.Placement:
 
 
 def _build(rank, micro_ep: int, *, overlap_grad_reduce=False, distributed_optimizer=False, check_every=0,
-           placement="symmetric", placement_seed=0, clip_grad=0.0):
-    """Model, DDP, Megatron optimizer and ReplicaSync as train() uses them."""
+           placement="symmetric", placement_seed=0, clip_grad=0.0, bf16=False):
+    """Model, DDP, Megatron optimizer and ReplicaSync as train() uses them (``bf16``: bf16 params in
+    Megatron's Float16Module, fp32 main params in the optimizer, as ``--bf16`` runs)."""
     ep_size = EP * max(micro_ep, 1)
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep_size)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    config = _config(ep_size)
+    config = _config(ep_size, bf16)
     spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if micro_ep:
         spec = use_micro_ep(spec, MicroEPConfig(replicas=micro_ep, placement=placement,
@@ -190,12 +193,14 @@ def _build(rank, micro_ep: int, *, overlap_grad_reduce=False, distributed_optimi
     replica_sync = ReplicaSync(check_every=check_every)
     if micro_ep:
         replica_sync.attach([model])  # identical replicas from the start, also for the control
+    if bf16:
+        model = Float16Module(config, model)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer, bucket_size=4096), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=3e-3, clip_grad=clip_grad, use_distributed_optimizer=distributed_optimizer,
-        bf16=False, fp16=False), [ddp])
+        bf16=bf16, fp16=False), [ddp])
     config.finalize_model_grads_func = replica_sync if micro_ep else finalize_model_grads
     return model, ddp, optimizer, config, replica_sync
 
@@ -204,18 +209,20 @@ def train(rank, world_size, *, micro_ep: int, steps: int = 20, num_microbatches:
           overlap_grad_reduce: bool = False, distributed_optimizer: bool = False, check_every: int = 0,
           sync: bool = True, placement: str = "symmetric", placement_seed: int = 0, first_step: int = 0,
           save_dir: str | None = None, save_after: int | None = None, load_dir: str | None = None,
-          replace_every: int = 0, sharding_type: str | None = None):
+          replace_every: int = 0, sharding_type: str | None = None, bf16: bool = False):
     """Train steps ``first_step .. steps-1``; returns losses, grad norms and the logical expert weights
     held here. ``micro_ep`` = 0 runs stock EP = 2; d >= 1 runs MicroEP with d merged groups (Megatron
     EP = 2 d). ``sync=False`` leaves out the replica gradient sum (a negative control). ``save_dir`` /
     ``save_after``: write a distributed checkpoint after that many steps; ``load_dir``: start from one.
     ``replace_every``: re-place every this many iterations with CyclingPolicy (live migration);
-    ``sharding_type``: the distributed optimizer's checkpoint format.
+    ``sharding_type``: the distributed optimizer's checkpoint format; ``bf16``: bf16 params, fp32 main
+    params (``--bf16``).
     """
     ep_size = EP * max(micro_ep, 1)
     model, ddp, optimizer, config, replica_sync = _build(
         rank, micro_ep, overlap_grad_reduce=overlap_grad_reduce, distributed_optimizer=distributed_optimizer,
-        check_every=check_every, placement=placement, placement_seed=placement_seed, clip_grad=clip_grad)
+        check_every=check_every, placement=placement, placement_seed=placement_seed, clip_grad=clip_grad,
+        bf16=bf16)
     if not sync:
         config.finalize_model_grads_func = finalize_model_grads
     if load_dir:
@@ -296,7 +303,7 @@ def _slot_snapshot(model, optimizer) -> dict:
             state = SlotState(slots, optimizer)
             inner = state.optimizer.optimizer.state
             for j, logical in enumerate(module.placement.phy2log[state_rank(module)]):
-                weights = torch.cat([p.detach().reshape(-1) for p in slots[j]]).numpy().copy()
+                weights = torch.cat([p.detach().reshape(-1).float() for p in slots[j]]).numpy().copy()
                 local, _ = state._local_piece(slots[j])
                 steps = sorted({float(inner[state.shard[p][0]]["step"]) for p in slots[j]
                                 if p in state.shard and state.shard[p][2] > state.shard[p][1]})
@@ -322,12 +329,15 @@ def state_rank(module) -> int:
     return module.token_dispatcher.ep_rank
 
 
-def migration_round_trip(rank, world_size, *, micro_ep: int = 2, distributed_optimizer: bool = False):
+def migration_round_trip(rank, world_size, *, micro_ep: int = 2, distributed_optimizer: bool = False,
+                         bf16: bool = False):
     """Train 2 steps, then migrate every layer A -> B -> C -> A (C with unequal replica counts when it
-    fits). Each slot's weights, Adam moments and step must follow its logical expert exactly."""
+    fits). Each slot's weights, Adam moments and step must follow its logical expert exactly (with
+    ``bf16``: the bf16 model weights, the fp32 main weights, the moments and the step)."""
     from micromoe_megatron.mcore.migration import migrate_layer
 
-    model, ddp, optimizer, config, replica_sync = _build(rank, micro_ep, distributed_optimizer=distributed_optimizer)
+    model, ddp, optimizer, config, replica_sync = _build(rank, micro_ep, distributed_optimizer=distributed_optimizer,
+                                                         bf16=bf16)
     forward_backward = get_forward_backward_func()
     for step in range(2):
         ddp.zero_grad_buffer()

@@ -9,18 +9,24 @@ and the optimizer are unchanged, only where they live moves.
   packed into rounds, each rank sending at most one slot and receiving at most one per round, reads
   before writes within a round, and no slot overwritten while a later move still reads it (its old
   payload is stashed on its rank first). The rounds meet the degree bound (König) in practice.
-* ``SlotState``: reads/writes one slot's full payload ``[Q, n]`` (row 0 the fp32 weights, then each
-  per-element Adam state, e.g. ``exp_avg``, ``exp_avg_sq``) from Megatron's optimizers:
+* ``SlotState``: reads/writes one slot's full payload ``[Q, n]``, float32 (row 0 the main weights,
+  then each per-element Adam state, e.g. ``exp_avg``, ``exp_avg_sq``) from Megatron's optimizers:
 
   - plain ``FP32Optimizer``: torch Adam state keyed by the model parameter, local.
-  - ``DistributedOptimizer`` (fp32): main params are views of the model params' shards and the Adam
-    state covers only this rank's shard of Megatron's buffer, sharded over the expert-data-parallel
-    (EDP) group. Slot ``j`` of every MicroEP rank sits at the same buffer offsets (identical
-    layouts), but shard boundaries fall anywhere inside a slot, so slot ``j`` and slot ``j'`` are
-    not split alike: the source gathers the slot's full state over its EDP group (each rank
-    contributes its shard piece) and the destination keeps its own piece of slot ``j'``. Every EDP
-    replica of the MicroEP group runs the same plan at the same time, so the gathers line up.
+  - ``Float16OptimizerWithFloat16Params`` (``--bf16``/``--fp16`` without the distributed
+    optimizer): row 0 is the fp32 main copy (``param.main_param``), the Adam state is keyed by it.
+  - ``DistributedOptimizer`` (fp32, bf16 or fp16 params): the main params are this rank's shard of
+    Megatron's buffer (views of the model params in fp32, fp32 copies of a shard for 16-bit params)
+    and the Adam state covers only that shard, sharded over the expert-data-parallel (EDP) group.
+    Slot ``j`` of every MicroEP rank sits at the same buffer offsets (identical layouts), but shard
+    boundaries fall anywhere inside a slot, so slot ``j`` and slot ``j'`` are not split alike: the
+    source gathers the slot's full state over its EDP group (each rank contributes its shard piece)
+    and the destination keeps its own piece of slot ``j'``. Every EDP replica of the MicroEP group
+    runs the same plan at the same time, so the gathers line up.
 
+  16-bit model params are written as the main weights cast to their dtype: Megatron keeps them
+  equal to that cast (it makes the main params from them and copies main -> model after every
+  step), so the moved model is bit-identical to the one before.
   Adam's ``step`` is not moved: Megatron steps every expert parameter of an optimizer together, so
   source and destination hold the same count (the round-trip test checks it). Gradients
   (``main_grad``, views of DDP's grad buffer) are not moved: they are zeroed before the next step.
@@ -59,28 +65,28 @@ class MigrationError(RuntimeError):
 
 
 class SlotState:
-    """Read and write the full payload ``[Q, n]`` of one layer's slots (weights + Adam state).
+    """Read and write the full payload ``[Q, n]`` of one layer's slots (main weights + Adam state).
 
     Args:
         slots: ``[L][params]`` this rank's slot parameters (``replicas.slot_parameters``).
-        optimizer: Megatron's optimizer (``ChainedOptimizer``, ``FP32Optimizer`` or fp32
-            ``DistributedOptimizer``), or None to move weights only.
+        optimizer: Megatron's optimizer (``ChainedOptimizer``, ``FP32Optimizer``,
+            ``Float16OptimizerWithFloat16Params`` or ``DistributedOptimizer``), or None to move
+            weights only.
     Raises:
-        MigrationError: fp16/bf16 parameters, a precision-aware or offloading optimizer.
+        MigrationError: a precision-aware or offloading optimizer, an optimizer of another kind, or
+            one that does not hold the slots.
     """
 
     def __init__(self, slots: list[list[torch.nn.Parameter]], optimizer=None):
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-        from megatron.core.optimizer.optimizer import FP32Optimizer
+        from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
         self.slots = slots
         self.numel = sum(p.numel() for p in slots[0])
         if any(sum(p.numel() for p in params) != self.numel for params in slots):
             raise MigrationError("expert slots of one layer have different sizes; migration needs equal slots")
-        if any(p.dtype != torch.float32 for params in slots for p in params):
-            raise MigrationError("expert re-placement moves fp32 parameters only; run without --bf16/--fp16 or "
-                                 "without --micro-ep-replacement-interval")
         first = slots[0][0]
+        self.device = first.device
         self.optimizer, self.distributed = None, False
         for inner in _inner_optimizers(optimizer) if optimizer is not None else []:
             if isinstance(inner, DistributedOptimizer):
@@ -89,29 +95,36 @@ class SlotState:
                         raise MigrationError("expert re-placement does not support --use-precision-aware-optimizer "
                                              "or --optimizer-cpu-offload; drop them or the re-placement flags")
                     self.optimizer, self.distributed = inner, True
-            elif isinstance(inner, FP32Optimizer):
-                if any(first is p for group in inner.optimizer.param_groups for p in group["params"]):
+            elif isinstance(inner, (FP32Optimizer, Float16OptimizerWithFloat16Params)):
+                groups = inner.float16_groups if isinstance(inner, Float16OptimizerWithFloat16Params) else \
+                    [group["params"] for group in inner.optimizer.param_groups]
+                if any(first is p for group in groups for p in group):
                     self.optimizer = inner
             elif any(first is p for group in getattr(inner, "param_groups", ()) for p in group["params"]):
-                raise MigrationError(f"expert re-placement supports Megatron's fp32 optimizers, not "
+                raise MigrationError(f"expert re-placement supports Megatron's Adam optimizers, not "
                                      f"{type(inner).__name__}; drop the re-placement flags")
         if optimizer is not None and self.optimizer is None:
             raise MigrationError("the optimizer does not hold this layer's expert parameters; pass the model's "
                                  "Megatron optimizer to the re-placement controller")
-        self.shard = {}  # model param -> (optimizer param, start, end) of this rank's shard of it
+        # model param -> (main param, start, end): this rank's shard [start, end) of the flattened
+        # model param and the fp32 tensor that holds its main values (and keys its Adam state).
+        self.shard = {}
         if self.distributed:
-            shards = {id(m): s for mg, sg in zip(self.optimizer.model_fp32_groups, self.optimizer.shard_fp32_groups)
+            opt = self.optimizer
+            shards = {id(m): s for mg, sg in zip(opt.model_fp32_groups + opt.model_float16_groups,
+                                                 opt.shard_fp32_groups + opt.shard_fp32_from_float16_groups)
                       for m, s in zip(mg, sg)}
             for params in slots:
                 for p in params:
-                    if p in self.optimizer.model_param_gbuf_map:
-                        r = self.optimizer._get_model_param_range_map(p)["param"]
+                    if p in opt.model_param_gbuf_map:
+                        r = opt._get_model_param_range_map(p)["param"]
                         self.shard[p] = (shards[id(p)], r.start, r.end)
-            self.edp_group = self.optimizer.data_parallel_group
+            self.edp_group = opt.data_parallel_group
         else:
             for params in slots:
                 for p in params:
-                    self.shard[p] = (p, 0, p.numel())
+                    main = getattr(p, "main_param", None) if self.optimizer is not None else None
+                    self.shard[p] = (main if main is not None and p.dtype != torch.float32 else p, 0, p.numel())
         self.keys = self._state_keys()
         self.rows = 1 + len(self.keys)
         if self.distributed and dist.get_world_size(self.edp_group) > 1:
@@ -123,6 +136,10 @@ class SlotState:
                 raise MigrationError(f"optimizer state entries {self.keys} differ across the expert-data-parallel "
                                      "group; re-place only after every rank's optimizer has stepped")
             self.rows = int(rows)
+
+    def payload_buffer(self, *shape: int) -> torch.Tensor:
+        """A float32 payload buffer (model params may be 16-bit; the payload never is)."""
+        return torch.empty(*shape, dtype=torch.float32, device=self.device)
 
     def _state_keys(self) -> tuple[str, ...]:
         """Per-element optimizer state entries of this rank's shard (``exp_avg``, ``exp_avg_sq``)."""
@@ -154,12 +171,13 @@ class SlotState:
         state = self.optimizer.optimizer.state if self.optimizer is not None else {}
         pieces = self._pieces(params)
         if not pieces:
-            return params[0].new_empty(self.rows, 0), []
+            return self.payload_buffer(self.rows, 0), []
         rows = []
         for key in (None, *self.keys):
-            parts = [p.detach().view(-1)[start:end] if key is None else state[opt_param][key].view(-1)
-                     for _, p, opt_param, start, end in pieces]
-            rows.append(torch.cat(parts) if parts else params[0].new_empty(0))
+            # Row 0: the main weights (the model param itself in fp32; its fp32 main copy for 16-bit).
+            parts = [(opt_param.detach() if key is None else state[opt_param][key]).reshape(-1).float()
+                     for _, _, opt_param, _, _ in pieces]
+            rows.append(torch.cat(parts))
         ranges = [(offset + start, offset + end) for offset, _, _, start, end in pieces]
         return torch.stack(rows), ranges
 
@@ -171,7 +189,7 @@ class SlotState:
         if not self.distributed or dist.get_world_size(self.edp_group) == 1:
             if not self.distributed:
                 return piece
-            full = piece.new_zeros(self.rows, self.numel)
+            full = self.payload_buffer(self.rows, self.numel).zero_()
             cursor = 0
             for a, b in ranges:
                 full[:, a:b] = piece[:, cursor:cursor + b - a]
@@ -209,7 +227,9 @@ class SlotState:
 
     @torch.no_grad()
     def write(self, slot: int, payload: torch.Tensor) -> None:
-        """Make ``slot`` hold ``payload`` ``[Q, n]``: all its weights, this rank's shard of its state."""
+        """Make ``slot`` hold ``payload`` ``[Q, n]``: all its weights (16-bit ones as the cast of the main
+        weights, as Megatron's main -> model copy makes them), this rank's shard of its main weights
+        and state."""
         params = self.slots[slot]
         offset = 0
         for p in params:
@@ -218,7 +238,9 @@ class SlotState:
         if self.optimizer is None:
             return
         state = self.optimizer.optimizer.state
-        for offset, _, opt_param, start, end in self._pieces(params):
+        for offset, p, opt_param, start, end in self._pieces(params):
+            if opt_param.dtype != p.dtype:  # a separate fp32 main copy (16-bit model params)
+                opt_param.data.view(-1).copy_(payload[0, offset + start:offset + end])
             for row, key in enumerate(self.keys, start=1):
                 state[opt_param][key].view(-1).copy_(payload[row, offset + start:offset + end])
 
@@ -276,9 +298,8 @@ def execute_plan(plan: MigrationPlan, state: SlotState, rank: int, group) -> Non
         if remote:
             send_splits = [n if outgoing is not None and outgoing[0] == g else 0 for g in range(world)]
             recv_splits = [n if receiver is not None and receiver.src_rank == g else 0 for g in range(world)]
-            reference = state.slots[0][0]
-            send = outgoing[1].reshape(-1) if outgoing is not None else reference.new_empty(0)
-            received = reference.new_empty(sum(recv_splits))
+            send = outgoing[1].reshape(-1) if outgoing is not None else state.payload_buffer(0)
+            received = state.payload_buffer(sum(recv_splits))
             dist.all_to_all_single(received, send, output_split_sizes=recv_splits, input_split_sizes=send_splits,
                                    group=group)
             if receiver is not None:

@@ -93,12 +93,12 @@ def _refuse_inexact_options(args) -> list[str]:
         _fail("--non-persistent-ckpt-type local is not supported with --micro-ep: local checkpoints store "
               "physical expert slots; use --non-persistent-ckpt-type global")
     if getattr(args, "micro_ep_replacement_interval", 0):
-        for flag, name in (("--bf16", "bf16"), ("--fp16", "fp16"),
-                           ("--use-precision-aware-optimizer", "use_precision_aware_optimizer"),
+        for flag, name in (("--use-precision-aware-optimizer", "use_precision_aware_optimizer"),
                            ("--optimizer-cpu-offload", "optimizer_cpu_offload")):
             if getattr(args, name, False):
                 _fail(f"{flag} is not supported with --micro-ep-replacement-interval yet: live migration moves "
-                      "fp32 parameters and Megatron's fp32 optimizer state only; drop one of them")
+                      "the fp32 main parameters and Adam state that Megatron's optimizer keeps itself; drop one "
+                      "of them")
     warnings = []
     if getattr(args, "moe_router_num_groups", None) and getattr(args, "moe_router_group_topk", None):
         warnings.append(
