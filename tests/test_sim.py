@@ -275,7 +275,7 @@ def test_simulate_charges_migration_and_adaptive_beats_symmetric_on_skew():
 
 def test_migration_cost_model_bytes():
     migration = CostModel().migration(SHAPE)               # GPT 32x1.3B: 2 x 2048 x 8192 params per expert
-    assert migration.bytes_per_slot == 2 * 2048 * 8192 * 14
+    assert migration.bytes_per_slot == 2 * 2048 * 8192 * 12  # fp32 main weight + 2 Adam moments
 
 
 def test_bench_balance_adaptive_column():

@@ -17,10 +17,11 @@ import numpy as np
 from ..core.forecast import MigrationCost
 
 H100_BF16_PEAK_TFLOPS = 989.0
-# Bytes per expert parameter a migration moves with mixed-precision Adam: the BF16 weight (2),
-# the FP32 main parameter (4) and the two FP32 Adam moments (8). Gradients are not moved: a
-# migration runs after the optimizer step, when they are zeroed.
-MIGRATION_BYTES_PER_PARAM = 14
+# Bytes per expert parameter a migration moves with mixed-precision Adam: the FP32 main parameter
+# (4) and the two FP32 Adam moments (8). The BF16 weight is not sent: the destination writes it as
+# the cast of the main parameter (mcore/migration.py). Gradients are not moved: a migration runs
+# after the optimizer step, when they are zeroed.
+MIGRATION_BYTES_PER_PARAM = 12
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class CostModel:
                                          else f"{self.schedule_ms} ms schedule time")
             + f" + {self.allgather_ms} ms counts all-gather, on the critical path (no overlap assumed)",
             f"  adaptive re-placement: each moved slot carries {MIGRATION_BYTES_PER_PARAM} bytes per expert "
-            f"parameter (BF16 weight, FP32 main param, Adam moments) at {self.migration_gbps:.0f} GB/s per GPU "
+            f"parameter (FP32 main param, Adam moments) at {self.migration_gbps:.0f} GB/s per GPU "
             f"+ {self.migration_latency_ms} ms, charged to the micro-batches until the next check",
             "  force-balanced ideal: every GPU at the mean load, and the least all-to-all time of any strategy "
             "spread evenly over the GPUs",
