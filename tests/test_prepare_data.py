@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from micromoe_megatron.cli import main as cli_main
-from micromoe_megatron.training.prepare_data import DataError, prepare, save_tokenizer, train_tokenizer
+from micromoe_megatron.training.prepare_data import DataError, format_result, prepare, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,8 +134,15 @@ def test_empty_files_inside_a_directory_are_skipped_not_fatal(tmp_path):
     for hidden in (".git", "__pycache__", ".venv/lib"):  # a source tree's binaries are not text: skipped
         (tmp_path / "c" / hidden).mkdir(parents=True)
         (tmp_path / "c" / hidden / "blob.py").write_bytes(b"\x80\x81 binary")
+    # A binary file that happens to be valid UTF-8 (NUL bytes) is skipped in a directory, refused by name.
+    (tmp_path / "c" / "model.py").write_bytes(b"\x00\x01\x02 weights\x00")
     result = prepare([str(tmp_path / "c")], str(tmp_path / "d"), vocab_size=260, pattern="*.py")
     assert result.documents == 1 and result.skipped_empty == [str(tmp_path / "c" / "__init__.py")]
+    assert result.skipped_binary == [str(tmp_path / "c" / "model.py")]
+    assert "skipped 1 binary files (NUL bytes)" in format_result(result)
+    with pytest.raises(DataError, match=r"model.py: a binary file \(NUL byte at offset 0\), not text"):
+        prepare([str(tmp_path / "c" / "model.py"), str(tmp_path / "c" / "a.py")], str(tmp_path / "e"),
+                vocab_size=260)
     with pytest.raises(DataError, match="no files matching --glob"):
         prepare([str(tmp_path / "c")], str(tmp_path / "d"), pattern="*.rs")
 

@@ -53,6 +53,7 @@ class PrepareResult:
     inputs: list[str]
     skipped_empty: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_binary: list[str] = field(default_factory=list)
 
     @property
     def megatron_args(self) -> list[str]:
@@ -87,11 +88,19 @@ def list_input_files(inputs: list[str], pattern: str = "*") -> list[Path]:
     return files
 
 
+class BinaryFileError(DataError):
+    """A file with NUL bytes: binary (an image, a compiled module), not text."""
+
+
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
+    nul = data.find(b"\0", 0, 8192)  # git's test for binary: a NUL byte early in the file
+    if nul >= 0:
+        raise BinaryFileError(f"{path}: a binary file (NUL byte at offset {nul}), not text; leave it out or pick "
+                              "text files with --glob")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -100,12 +109,19 @@ def _read_text(path: Path) -> str:
 
 
 def iter_documents(files: list[Path], json_key: str = "text", explicit: set[Path] | None = None,
-                   skipped: list[str] | None = None) -> Iterator[str]:
-    """Documents in file order. Empty files named in ``explicit`` are errors; others found in a
-    directory are skipped (appended to ``skipped``)."""
+                   skipped: list[str] | None = None, binary: list[str] | None = None) -> Iterator[str]:
+    """Documents in file order. Empty or binary files named in ``explicit`` are errors; those found in
+    a directory are skipped (appended to ``skipped`` / ``binary``)."""
     explicit = explicit if explicit is not None else set(files)
     for path in files:
-        text = _read_text(path)
+        try:
+            text = _read_text(path)
+        except BinaryFileError:
+            if path in explicit:
+                raise
+            if binary is not None:
+                binary.append(str(path))
+            continue
         if not text.strip():
             if path in explicit:
                 raise DataError(f"{path}: empty file (no text); remove it from the inputs")
@@ -278,9 +294,10 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=DType.optimal_dtype(vocab))
     documents = tokens = 0
     skipped: list[str] = []
+    binary: list[str] = []
     encode_start = last = time.perf_counter()
     try:
-        for batch in _batches(iter_documents(files, json_key, explicit, skipped)):
+        for batch in _batches(iter_documents(files, json_key, explicit, skipped, binary)):
             for encoding in model.encode_batch(batch, add_special_tokens=True):
                 ids = np.asarray(encoding.ids + [eod_id], dtype=np.int64)
                 builder.add_document(ids, [ids.size])
@@ -292,7 +309,7 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
                 progress(f"prepare-data: {documents:,} documents, {tokens:,} tokens "
                          f"({documents / elapsed:,.0f} documents/s, {tokens / elapsed:,.0f} tokens/s)")
         if documents == 0:
-            raise DataError(f"{', '.join(inputs)}: no documents (all files are empty)")
+            raise DataError(f"{', '.join(inputs)}: no documents (all files are empty or binary)")
         builder.finalize(get_idx_path(tmp))
     except BaseException:
         builder.data_file.close()
@@ -303,7 +320,7 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str | None = None,
     os.replace(get_idx_path(tmp), get_idx_path(prefix))
     save_tokenizer(model, tokenizer_dir, special)
     result = PrepareResult(prefix, str(tokenizer_dir), source, documents, tokens, vocab, eod_id,
-                           [str(p) for p in inputs], skipped, time.perf_counter() - start)
+                           [str(p) for p in inputs], skipped, time.perf_counter() - start, binary)
     Path(f"{prefix}.prepare.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
 
@@ -317,6 +334,9 @@ def format_result(result: PrepareResult) -> str:
              f"  tokenizer: {result.tokenizer_dir} ({result.tokenizer_source})"]
     if result.skipped_empty:
         lines.append(f"  skipped {len(result.skipped_empty)} empty files")
+    if result.skipped_binary:
+        lines.append(f"  skipped {len(result.skipped_binary)} binary files (NUL bytes): "
+                     f"{', '.join(result.skipped_binary[:3])}{', ...' if len(result.skipped_binary) > 3 else ''}")
     lines.append(f"  train with: {shlex.join(result.megatron_args)}")
     if result.documents < 500:  # round(0.999 * N) == N: Megatron's default --split 969,30,1 gives an empty test split
         lines.append("  few documents: also pass --split 100,0,0 (or larger eval shares); megatron-core 0.19.2 "
