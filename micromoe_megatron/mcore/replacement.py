@@ -445,9 +445,9 @@ class AdaptivePolicy:
       expert forward was timed since the last check (e.g. CUDA-graphed experts), the time gate is
       skipped and the threshold alone decides; the verdict says so.
 
-    The migration is priced on the candidate's greedy slot moves (cheap); when that price would
-    refuse, on the ``plan_migration`` plan that would run (fewer rounds: relays, König packing),
-    which the controller then executes (``migration_plan(layer_number)``).
+    The time gate prices the ``plan_migration`` plan that would run (its rounds and busiest rank's
+    bytes), which the controller then executes (``migration_plan``); a gain not above the model's
+    fixed cost is refused without planning (the verdict then shows the greedy slot moves' price).
 
     ``verdict(layer_number)`` says why the last call decided as it did.
     """
@@ -508,8 +508,9 @@ class AdaptivePolicy:
         if measured is None or not measured.tokens_timed:
             return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f} (no time gate: expert time not "
                                  "measured)")
-        if not gain > migration and gain > measured.migration.latency_ms:
-            # The greedy moves over-count the rounds: price the plan that would run before refusing.
+        if gain > measured.migration.latency_ms:
+            # Price the plan that would run (the greedy moves' rounds are off either way: relays save
+            # rounds, stashes add some); the controller executes this plan if it re-places.
             plan = plan_migration(current, decision.placement)
             migration = measured.migration.estimate_ms(plan, current.num_gpus)
         if not gain > migration:
