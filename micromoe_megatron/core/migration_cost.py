@@ -7,7 +7,7 @@ waits for its slowest rank. Its time is modelled as (ms)::
     t = fixed_ms + round_ms * rounds + bytes / bandwidth
 
 * ``rounds``: rounds that exchange a payload between ranks (one collective each: its launch and
-  synchronisation cost, ~3 ms with gloo on CPU, tens of us with NCCL).
+  synchronisation cost, ~3 ms with gloo on CPU, far less with NCCL on GPUs).
 * ``bytes``: the busiest rank's payload bytes sent or received (``max(sent, received)`` over the
   ranks; a local copy counts 0.1, a memory copy rather than a transfer); ranks exchange in parallel.
 * ``fixed_ms``: per migration (building the slot state, the distributed optimizer's bookkeeping,
@@ -25,13 +25,14 @@ least squares on relative errors (timing noise grows with the time, and a relati
 
     minimise  sum_i ((x_i . c - t_i) / t_i)^2 + PRIOR_WEIGHT * sum_k ((c_k - p_k) / s_k)^2,  c >= 0
 
-with ``x_i = (1, rounds_i, bytes_i)``, ``c = (fixed_ms, round_ms, ms_per_byte)``, ``p`` the prior and
-scales ``s = (FIXED_SCALE_MS, ROUND_SCALE_MS, prior ms_per_byte)``. ``PRIOR_WEIGHT`` is small, so measurements are met
-closely; the prior only decides what the measurements leave open. With one measurement, its
-excess over the prior is split between the terms in proportion to ``(s_k x_k)^2``: 1 for the
-fixed term, ``(rounds / 4)^2`` for the per-round term and ``(prior transfer ms)^2`` for the bandwidth.
-So a small move measured far above the prior's transfer time (13-21 ms for one 0.2 MB slot on
-gloo, against a 0.008 ms prior transfer) is blamed on the fixed and per-round costs, and a later
+with ``x_i = (1, rounds_i, bytes_i)``, ``c = (fixed_ms, round_ms, ms_per_byte)``, ``p`` the prior
+and scales ``s = (FIXED_SCALE_MS, ROUND_SCALE_MS, prior ms_per_byte)``. ``PRIOR_WEIGHT`` is small,
+so measurements are met closely; the prior only decides what the measurements leave open. With
+one measurement, its excess over the prior is split between the terms in proportion to
+``(s_k x_k)^2`` (ms^2): 1 for the fixed term, ``(rounds / 4)^2`` for the per-round term and
+``(prior transfer ms)^2`` for the bandwidth. So a small move measured far above the prior's
+transfer time (13-21 ms for one 0.2 MB slot on gloo, against a 0.008 ms prior transfer) is blamed
+mostly on the fixed cost (94% for one round), and a later
 small move is priced at about that measurement, not bandwidth-scaled to a huge number; a big
 move measured slow lowers the bandwidth. More measurements with different round counts and
 sizes separate the terms (with one slot size, rounds and bytes grow together, so their split
