@@ -169,12 +169,21 @@ def test_every_rank_decides_identically():
     assert [d.moves for d in a] == [d.moves for d in b]
 
 
-def test_record_migration_rescales_bandwidth():
+def test_record_migration_refits_the_model():
     policy, decisions = policy_run(steps=1, interval=1, migration=MigrationCost(1e9, 10.0, 0.0))
     moves = decisions[0].moves
     predicted = policy.migration.estimate_ms(moves, 8)
+    # 1 GB slots at 10 GB/s: the prior's transfer time dominates, so a migration measured twice as
+    # long halves the bandwidth rather than adding a fixed cost.
     policy.record_migration(2 * predicted, moves)
-    assert policy.migration.bandwidth_gbps == pytest.approx(5.0)
+    assert policy.migration.estimate_ms(moves, 8) == pytest.approx(2 * predicted, rel=1e-3)
+    assert policy.migration.bandwidth_gbps == pytest.approx(5.0, rel=1e-2)
+    assert policy.migration.latency_ms < 0.01 * predicted
+    fitted = policy.migration
+    for bad in (float("nan"), 0.0, -3.0):  # degenerate measurements keep the model
+        policy.record_migration(bad, moves)
+    policy.record_migration(5.0, [])
+    assert policy.migration == fitted and len(policy.migration_samples) == 1
 
 
 # ------------------------------------------------------------------ slot moves

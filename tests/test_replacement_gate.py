@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from micromoe_megatron.core import loads
-from micromoe_megatron.core.forecast import MigrationCost, slot_moves
+from micromoe_megatron.core.forecast import MigrationCost
+from micromoe_megatron.core.migration_plan import plan_migration
 from micromoe_megatron.core.placement import symmetric
 from micromoe_megatron.mcore.expert_timer import ExpertTimer
 from micromoe_megatron.mcore.replacement import (FORWARD_AND_BACKWARD, AdaptivePolicy, LayerMeasurements,
@@ -42,19 +43,21 @@ def test_time_gate_refuses_below_the_measured_migration_cost_and_accepts_above()
     # Gain (ms) = LP optimum drop (tokens per micro-batch) x measured forward ms/token x 3 x micro-batches.
     drop = (accepted.predicted_current - accepted.predicted_new) * history.sum(axis=(1, 2)).mean() / GPUS
     assert accepted.gain_ms == pytest.approx(drop * 1e-3 * FORWARD_AND_BACKWARD * 10, rel=0.2)
-    # A measured migration (rescaled model) just above / just below that gain flips the decision.
-    moves = slot_moves(current, new)
+    # A measured migration (the model fitted to it) just above / just below that gain flips the
+    # decision; the controller records the plan that ran.
+    plan = plan_migration(current, new)
+
+    def fitted(ms):
+        return cheap.migration.fitted([cheap.migration.sample(plan, GPUS, ms)])
+
     for factor, replace in ((2.0, False), (0.5, True)):
-        cost = cheap.migration.rescaled(factor * accepted.gain_ms, moves, GPUS)
-        verdict, _ = policy.decide(history, current, dataclasses.replace(cheap, migration=cost))
-        assert verdict.migration_ms == pytest.approx(factor * accepted.gain_ms)
+        verdict, _ = policy.decide(history, current, dataclasses.replace(cheap, migration=fitted(factor * accepted.gain_ms)))
         assert verdict.replace is replace, verdict.reason
-    refused = policy.decide(history, current, dataclasses.replace(cheap, migration=cost.rescaled(
-        2 * accepted.gain_ms, moves, GPUS)))[0]
-    assert "<= migration" in refused.reason
+        # The gate prices the plan that would run: the measured move itself.
+        assert verdict.migration_ms == pytest.approx(factor * accepted.gain_ms, rel=1e-3)
+        assert ("<= migration" in verdict.reason) is not replace
     # The gain scales with the horizon: a longer interval pays for the same migration.
-    longer = dataclasses.replace(cheap, migration=cheap.migration.rescaled(2 * accepted.gain_ms, moves, GPUS),
-                                 micro_batches_per_check=40)
+    longer = dataclasses.replace(cheap, migration=fitted(2 * accepted.gain_ms), micro_batches_per_check=40)
     assert policy.decide(history, current, longer)[0].replace
     # History summed over 4 MicroEP groups: each group's gain is a quarter.
     assert policy.decide(history, current, dataclasses.replace(cheap, groups=4))[0].gain_ms == pytest.approx(

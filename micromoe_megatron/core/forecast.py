@@ -20,6 +20,7 @@ import numpy as np
 from .asymmetric import GOOD_ENOUGH, ScenarioScore, asymmetric_placement, improve_table, placement_optimum
 from .highs import new_highs
 from .loads import validate_counts
+from .migration_cost import MAX_SAMPLES, MigrationCost, MigrationSample
 from .placement import Placement, PlacementError
 
 FORECAST_METHODS = ("ema", "mean")
@@ -140,49 +141,6 @@ def slot_moves(old: Placement, new: Placement) -> list[SlotMove]:
 
 
 @dataclass(frozen=True)
-class MigrationCost:
-    """Time model of a migration: every rank receives and sends its slots in parallel.
-
-    Attributes:
-        bytes_per_slot: one slot's expert weights plus optimizer state (bytes).
-        bandwidth_gbps: per-rank copy bandwidth, GB/s (a local copy counts at 10x).
-        latency_ms: fixed cost per migration (one round of point-to-point exchanges).
-    """
-
-    bytes_per_slot: float = 0.0
-    bandwidth_gbps: float = 25.0
-    latency_ms: float = 0.1
-
-    def bytes_moved(self, moves) -> float:
-        return self.bytes_per_slot * sum(m.src_rank != m.dst_rank for m in moves)
-
-    def estimate_ms(self, moves, num_gpus: int) -> float:
-        """Slowest rank's send or receive time plus the latency (0 without moves)."""
-        if not moves:
-            return 0.0
-        received, sent = np.zeros(num_gpus), np.zeros(num_gpus)
-        for m in moves:
-            share = 0.1 if m.src_rank == m.dst_rank else 1.0
-            received[m.dst_rank] += share
-            sent[m.src_rank] += share
-        slots = float(np.maximum(received, sent).max())
-        return self.latency_ms + slots * self.bytes_per_slot / (self.bandwidth_gbps * 1e9) * 1e3
-
-    def rescaled(self, measured_ms: float, moves, num_gpus: int) -> "MigrationCost":
-        """This model with its bandwidth rescaled so that ``estimate_ms(moves)`` gives ``measured_ms``.
-
-        ``measured_ms`` must be identical on every rank (e.g. the group's all-reduced max), or the
-        ranks would decide differently. Unchanged when there is nothing to scale (no moves, or a
-        measurement not above the latency).
-        """
-        predicted = self.estimate_ms(moves, num_gpus) - self.latency_ms
-        measured = measured_ms - self.latency_ms
-        if predicted > 0 and measured > 0:
-            return MigrationCost(self.bytes_per_slot, self.bandwidth_gbps * predicted / measured, self.latency_ms)
-        return self
-
-
-@dataclass(frozen=True)
 class ReplacementDecision:
     """What a check concluded (all loads in tokens per micro-batch; ratios are max/mean).
 
@@ -215,7 +173,8 @@ class ReplacementPolicy:
         threshold: re-place when the predicted max/mean gain exceeds it and the predicted gain in
             time exceeds the migration time; 0 = re-place at every check (when anything changes).
         window, method, alpha: the ``LoadHistory``.
-        migration: the ``MigrationCost`` model; ``record_migration`` rescales it from measurements.
+        migration: the ``MigrationCost`` model (its prior); ``record_migration`` refits it from every
+            measured migration so far (the newest ``MAX_SAMPLES``).
         ms_per_token: expert compute time per token-expert assignment on the slowest GPU.
         micro_batches_per_check: micro-batches between two checks (the gain's horizon).
         robust_window: the newest this-many observed micro-batches are scored with the forecast,
@@ -241,6 +200,7 @@ class ReplacementPolicy:
         self.interval, self.threshold = interval, threshold
         self.history = LoadHistory(placement.num_experts, window, method, alpha)
         self.migration = migration or MigrationCost()
+        self.migration_samples: list[MigrationSample] = []
         self.ms_per_token = ms_per_token
         self.micro_batches_per_check = micro_batches_per_check
         self.max_evaluations, self.warm_evaluations = max_evaluations, warm_evaluations
@@ -326,9 +286,13 @@ class ReplacementPolicy:
         return self.placement
 
     def record_migration(self, measured_ms: float, moves) -> None:
-        """Rescale the migration model's bandwidth from a measured migration.
+        """Refit the migration model with one more measured migration (``migration_cost``).
 
-        ``measured_ms`` must be the same on every rank (e.g. the group's all-reduced max), or the
-        ranks would decide differently.
+        ``moves``: what ran, a ``MigrationPlan`` (preferred) or the slot moves. ``measured_ms`` must
+        be the same on every rank (e.g. the group's all-reduced max), or the ranks would decide
+        differently. A degenerate measurement (no moves; zero, negative or NaN ms) changes nothing.
         """
-        self.migration = self.migration.rescaled(measured_ms, moves, self.placement.num_gpus)
+        sample = self.migration.sample(moves, self.placement.num_gpus, measured_ms)
+        if sample.usable:
+            self.migration_samples = (self.migration_samples + [sample])[-MAX_SAMPLES:]
+            self.migration = self.migration.fitted(self.migration_samples)

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.forecast import MigrationCost, slot_moves
-from ..core.migration_plan import plan_migration
+from ..core.migration_cost import MAX_SAMPLES, MigrationCost, MigrationSample
+from ..core.migration_plan import MigrationPlan, plan_migration
 from ..core.placement import Placement
 from .expert_timer import ExpertTimer
 from .migration import MigrationResult, SlotState, migrate_layer
@@ -51,8 +51,8 @@ from .replicas import slot_parameters
 
 Policy = Callable[..., Optional[Placement]]
 
-# Copy bandwidth assumed before a layer's first measured migration, GB/s per rank (PCIe Gen4 x16 /
-# a 200 Gb/s NIC; NVLink is faster). The first measured migration rescales it (``rescaled``).
+# Copy bandwidth of the migration model's prior, GB/s per rank (PCIe Gen4 x16 / a 200 Gb/s NIC;
+# NVLink is faster). Measured migrations refit the model (``MigrationCost.fitted``).
 DEFAULT_BANDWIDTH_GBPS = 25.0
 
 # The gain is measured on the experts' forward; a training step also runs their backward, whose
@@ -72,10 +72,12 @@ class LayerMeasurements:
             (``interval`` x micro-batches per iteration): the horizon of the predicted gain.
         groups: MicroEP groups whose counts the history sums (the expert-data-parallel size), so a
             forecast load divided by it is one group's.
-        migration: the migration time model: bytes per slot from the layer's parameters and
-            optimizer state; bandwidth ``DEFAULT_BANDWIDTH_GBPS`` until a migration of this layer
-            was measured, then rescaled from the group's slowest rank's time.
-        migration_measured: whether ``migration`` has been rescaled from a measurement.
+        migration: the migration time model (``core/migration_cost.py``): bytes per slot from the
+            layer's parameters and optimizer state; the prior (0.1 ms fixed, no per-round cost,
+            ``DEFAULT_BANDWIDTH_GBPS``) until a migration of a layer with the same slot size was
+            measured, then fitted (fixed + per-round + bandwidth terms) to every such measurement
+            (the group's slowest rank's time; the newest ``MAX_SAMPLES``).
+        migration_measured: whether ``migration`` has been fitted to a measurement.
     """
 
     ms_per_token: float
@@ -186,7 +188,7 @@ class ReplacementController:
         replica_sync: the model's ReplicaSync, whose cached slot holders are dropped after a move.
         micro_batches_per_iteration: micro-batches per iteration (an int, or a callable returning the
             current number, e.g. Megatron's ``get_num_microbatches`` under batch-size ramp-up).
-        bandwidth_gbps: the migration model's bandwidth before a layer's first measured migration.
+        bandwidth_gbps: the migration model's prior bandwidth (before any measured migration).
         background: run the policy in a background thread: at a check the controller gathers the
             policy's inputs (the collectives, on the calling thread), starts the search and returns;
             at the next iteration's ``step`` it waits for the search to finish (every rank at the same
@@ -215,7 +217,13 @@ class ReplacementController:
         self.last_check: list[LayerCheck] = []
         self.checked_at = 0     # iteration of the check whose decisions were applied last
         self.applied_at = 0     # iteration at which they were applied
-        self._costs: dict[int, tuple[MigrationCost, bool]] = {}  # id(layer) -> (model, measured)
+        self._priors: dict[int, MigrationCost] = {}  # id(layer) -> its migration model's prior
+        # Measured migrations, shared by the layers whose slots have the same size in a group of the
+        # same size (same payload over the same links): more points for the fit, and a layer's first
+        # migration is priced from the others'. Every layer of a controller is in one pipeline stage,
+        # where the measurements are agreed, so the shared fit is the same on every rank.
+        self._samples: dict[tuple[int, float], list[MigrationSample]] = {}
+        self._fits: dict[tuple[int, float], tuple[tuple[MigrationSample, ...], MigrationCost]] = {}
         self._pending: tuple[int, int, Future] | None = None     # (checked at, apply at, search)
         self._executor: ThreadPoolExecutor | None = None
 
@@ -229,15 +237,39 @@ class ReplacementController:
         dist.all_reduce(total, group=group)
         return total.cpu().numpy()
 
-    def migration_cost(self, layer, optimizer) -> tuple[MigrationCost, bool]:
-        """The layer's migration model and whether it was measured (collective on first use: the
+    def _prior(self, layer, optimizer) -> MigrationCost:
+        """The layer's migration model before any measurement (collective on first use: the
         distributed optimizer agrees its state rows over the EDP group)."""
         key = id(layer)
-        if key not in self._costs:
+        if key not in self._priors:
             slots = slot_parameters(layer.experts, layer.num_local_experts)
             payload = SlotState(slots, optimizer).payload_bytes()
-            self._costs[key] = (MigrationCost(bytes_per_slot=float(payload), bandwidth_gbps=self.bandwidth_gbps), False)
-        return self._costs[key]
+            self._priors[key] = MigrationCost(bytes_per_slot=float(payload), bandwidth_gbps=self.bandwidth_gbps)
+        return self._priors[key]
+
+    @staticmethod
+    def _sample_key(layer, prior: MigrationCost) -> tuple[int, float]:
+        return layer.placement.num_gpus, prior.bytes_per_slot
+
+    def migration_cost(self, layer, optimizer) -> tuple[MigrationCost, bool]:
+        """The layer's migration model, fitted to the measured migrations of its slot size, and
+        whether there were any (collective on first use, see ``_prior``)."""
+        prior = self._prior(layer, optimizer)
+        key = self._sample_key(layer, prior)
+        samples = tuple(self._samples.get(key, ()))
+        if not samples:
+            return prior, False
+        if key not in self._fits or self._fits[key][0] != samples:
+            self._fits[key] = (samples, prior.fitted(samples))
+        return self._fits[key][1], True
+
+    def _record(self, layer, optimizer, plan, measured_ms: float) -> None:
+        """Add one measured migration (``plan`` as executed, agreed ``measured_ms``) to the fit."""
+        prior = self._prior(layer, optimizer)
+        sample = prior.sample(plan, layer.placement.num_gpus, measured_ms)
+        if sample.usable:  # a degenerate measurement (e.g. a clock gone backwards) keeps the model
+            key = self._sample_key(layer, prior)
+            self._samples[key] = (self._samples.get(key, []) + [sample])[-MAX_SAMPLES:]
 
     def measurements(self, layer, optimizer) -> LayerMeasurements:
         """The layer's agreed measurements for this check (collective over the stage)."""
@@ -323,9 +355,14 @@ class ReplacementController:
             predicted_of = getattr(self.policy, "predicted_max_mean", None)
             predicted = float(predicted_of(number)) if predicted_of is not None else None
             # The move plan (rounds of slot copies) is a pure function of the two tables and costs
-            # 0.1-0.5 s of CPU at 64 x 256: made here, so with ``background`` it is off the critical path.
-            plan = (plan_migration(current, new) if new is not None and not np.array_equal(new.phy2log, current.phy2log)
-                    else None)
+            # 0.1-0.5 s of CPU at 64 x 256: made here, so with ``background`` it is off the critical path
+            # (or taken from the policy, which may have planned it to price the migration).
+            plan = None
+            if new is not None and not np.array_equal(new.phy2log, current.phy2log):
+                plan_of = getattr(self.policy, "migration_plan", None)
+                plan = plan_of(number, current, new) if plan_of is not None else None
+                if plan is None:
+                    plan = plan_migration(current, new)
             measured = args[3] if len(args) > 3 else None
             decided.append((layer, current, new, verdict, predicted, plan,
                             None if measured is None else measured.ms_per_token))
@@ -355,12 +392,13 @@ class ReplacementController:
             if new is None:
                 self.last_check.append(LayerCheck(layer.layer_number, verdict, None, reason, ms_per_token))
                 continue
-            cost, _ = self.migration_cost(layer, optimizer)
-            modelled = slot_moves(current, new)
+            self._prior(layer, optimizer)  # collective on first use: before the migration, on every rank
+            if plan is None:
+                plan = plan_migration(current, new)
             result = migrate_layer(layer, new, optimizer, plan=plan)
             # The group waits for its slowest rank: that time is what the migration cost, everywhere.
             result = dataclasses.replace(result, ms=agreed_max_ms(layer, result.ms))
-            self._costs[id(layer)] = (cost.rescaled(result.ms, modelled, new.num_gpus), True)
+            self._record(layer, optimizer, plan, result.ms)
             stats = layer.replacement_stats
             stats.count += 1
             stats.ms += result.ms
@@ -402,10 +440,14 @@ class AdaptivePolicy:
       better, and the predicted gain over the next check interval exceeds the predicted migration
       time (paper Sec. 6.4). Gain (ms) = (LP optimum now - new, tokens per micro-batch of one
       group) x ms per token (the measured forward x ``FORWARD_AND_BACKWARD``) x micro-batches per
-      check; migration (ms) from ``MigrationCost`` (bytes per slot / bandwidth, rescaled by the last
-      measured migration of the layer). Called without measurements (three arguments), or when no
+      check; migration (ms) from ``MigrationCost`` (fixed + per-round + bytes / bandwidth, fitted to
+      the measured migrations of the layers of that slot size) on the candidate's slot moves. Called without measurements (three arguments), or when no
       expert forward was timed since the last check (e.g. CUDA-graphed experts), the time gate is
       skipped and the threshold alone decides; the verdict says so.
+
+    The time gate prices the ``plan_migration`` plan that would run (its rounds and busiest rank's
+    bytes), which the controller then executes (``migration_plan``); a gain not above the model's
+    fixed cost is refused without planning (the verdict then shows the greedy slot moves' price).
 
     ``verdict(layer_number)`` says why the last call decided as it did.
     """
@@ -416,17 +458,25 @@ class AdaptivePolicy:
         self.threshold = threshold
         self.predicted: dict[int, float] = {}
         self.verdicts: dict[int, Verdict] = {}
+        self.plans: dict[int, tuple[Placement, Placement, MigrationPlan] | None] = {}
 
     def __call__(self, layer_number: int, history: np.ndarray, current: Placement,
                  measured: LayerMeasurements | None = None) -> Placement | None:
-        verdict, placement = self.decide(history, current, measured)
+        verdict, placement, plan = self._decide(history, current, measured)
         self.verdicts[layer_number] = verdict
+        self.plans[layer_number] = (current, placement, plan) if plan is not None else None
         self.predicted[layer_number] = verdict.predicted_new if verdict.replace else verdict.predicted_current
         return placement if verdict.replace else None
 
     def decide(self, history: np.ndarray, current: Placement,
                measured: LayerMeasurements | None = None) -> tuple[Verdict, Placement]:
         """The verdict and the best placement found, from ``history`` ``[K, F, E]``; pure."""
+        verdict, placement, _ = self._decide(history, current, measured)
+        return verdict, placement
+
+    def _decide(self, history: np.ndarray, current: Placement,
+                measured: LayerMeasurements | None) -> tuple[Verdict, Placement, MigrationPlan | None]:
+        """``decide`` plus the migration plan made to price the move (None when none was needed)."""
         from ..core.forecast import ReplacementPolicy
 
         kwargs = {}
@@ -439,12 +489,13 @@ class AdaptivePolicy:
         decision = policy.check()
         nan = float("nan")
         if decision is None:
-            return Verdict(False, nan, nan, nan, nan, "no counts observed"), current
+            return Verdict(False, nan, nan, nan, nan, "no counts observed"), current, None
         gain, migration = ((decision.gain_ms, decision.migration_ms) if measured is not None else (nan, nan))
         now, new = float(decision.predicted_current), float(decision.predicted_new)
+        plan = None
 
-        def verdict(replace: bool, reason: str) -> tuple[Verdict, Placement]:
-            return Verdict(replace, now, new, gain, migration, reason), decision.placement
+        def verdict(replace: bool, reason: str) -> tuple[Verdict, Placement, MigrationPlan | None]:
+            return Verdict(replace, now, new, gain, migration, reason), decision.placement, plan
 
         if not decision.replace:
             return verdict(False, decision.reason)
@@ -457,6 +508,11 @@ class AdaptivePolicy:
         if measured is None or not measured.tokens_timed:
             return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f} (no time gate: expert time not "
                                  "measured)")
+        if gain > measured.migration.latency_ms:
+            # Price the plan that would run (the greedy moves' rounds are off either way: relays save
+            # rounds, stashes add some); the controller executes this plan if it re-places.
+            plan = plan_migration(current, decision.placement)
+            migration = measured.migration.estimate_ms(plan, current.num_gpus)
         if not gain > migration:
             return verdict(False, f"predicted gain {gain:.3f} ms <= migration {migration:.3f} ms")
         return verdict(True, f"predicted max/mean {now:.4f} -> {new:.4f}, gain {gain:.3f} ms > migration "
@@ -467,3 +523,12 @@ class AdaptivePolicy:
 
     def verdict(self, layer_number: int) -> Verdict | None:
         return self.verdicts.get(layer_number)
+
+    def migration_plan(self, layer_number: int, current: Placement, new: Placement) -> MigrationPlan | None:
+        """The plan from ``current`` to ``new`` that the last call for the layer made to price its
+        migration; None when it made none or for other tables."""
+        made = self.plans.get(layer_number)
+        if made is None or not (np.array_equal(made[0].phy2log, current.phy2log)
+                                and np.array_equal(made[1].phy2log, new.phy2log)):
+            return None
+        return made[2]
