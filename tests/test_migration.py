@@ -213,7 +213,7 @@ def test_ranks_that_disagree_keep_the_placement(rank_pool):
     first_check, second_check = first["checks"]
     assert all(replaced and gain > 0 for _, replaced, _, _, gain, _ in first_check)
     # Slot bytes from the layer (2 fp32 weight matrices of 32 x 64 per expert; this model never
-    # stepped, so Adam holds no moments yet), the bandwidth rescaled from the measured migration.
+    # stepped, so Adam holds no moments yet), the model refitted to the measured migration.
     assert [(size, measured) for size, _, measured in first["costs"]] == [(2 * 32 * 64 * 4, True)] * 2
     assert all(bandwidth != 25.0 for _, bandwidth, _ in first["costs"])
     assert "gain" in first["summary"] and "ms vs migration" in first["summary"]
