@@ -97,7 +97,8 @@ def write_megatron_trace(directory, counts_per_rank_step_layer, top_k=2, experts
 
 
 def test_megatron_trace_parsing(tmp_path):
-    records = [(0, 1, 5), (0, 1, 7), (0, 2, 5), (1, 1, 6), (1, 2, 6)]  # two micro-batches at step 0, layer 1
+    # Megatron writes decoder.layers indices (0-based); counts number layers from 1 like layer_number.
+    records = [(0, 0, 5), (0, 0, 7), (0, 1, 5), (1, 0, 6), (1, 1, 6)]  # two micro-batches at step 0, layer 1
     write_megatron_trace(tmp_path, {0: records, 1: records})
     counts = read_router_traces(tmp_path, num_experts=8)
     assert sorted(counts.layers) == [1, 2]
@@ -157,7 +158,10 @@ def test_analyze_json_and_plots(tmp_path, capsys):
 
 
 def test_analyze_reads_megatron_traces_and_reports_errors(tmp_path, capsys):
-    write_megatron_trace(tmp_path, {r: [(0, 1, 32), (1, 1, 32)] for r in range(4)})
+    write_megatron_trace(tmp_path, {r: [(0, 0, 32), (1, 0, 32)] for r in range(4)})
+    assert micromoe(["analyze", str(tmp_path), "--experts", "8", "--ep", "2", "--micro-ep", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["layer"] for row in result["layers"]] == [1]  # trace layer 0 is Megatron's layer_number 1
     assert micromoe(["analyze", str(tmp_path), "--experts", "8", "--ep", "2", "--micro-ep", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 GPUs, 8 experts, EP 2, MicroEP d = 2" in out and "GPU max/mean" in out
