@@ -332,15 +332,14 @@ def improve_table(table, scenarios, max_evaluations: int = 2000, moves_per_round
     counts = np.bincount(table.ravel(), minlength=num_experts).astype(np.int64)
     best, binding, worst = score.evaluate(table)
     used = 1
-    stress_stop = None   # scoring count at which the stress-tier-only search stops
-    while used < max_evaluations and max(best[0], best[1]) > good_enough:
-        if best[0] <= good_enough:
-            stress_stop = stress_stop or used + max(1, int(STRESS_SHARE * max_evaluations))
-            if used >= stress_stop:
-                break
+    limit, stress_only = max_evaluations, False
+    while used < limit and max(best[0], best[1]) > good_enough:
+        if best[0] <= good_enough and not stress_only:   # from here on only the stress tier improves
+            stress_only, limit = True, min(limit, used + max(1, int(STRESS_SHARE * max_evaluations)))
+            continue
         improved = False
         for move in _moves(table, binding, score.scenarios[worst], counts, moves_per_round):
-            if used >= max_evaluations:
+            if used >= limit:
                 break
             new_table, new_counts = _apply(table, counts, move)
             key, new_binding, new_worst = score.evaluate(new_table, cutoff=best[0], first=worst)
