@@ -330,6 +330,11 @@ def test_simulate_charges_migration_and_adaptive_beats_symmetric_on_skew():
     assert adaptive.imbalance_p50 < symmetric.imbalance_p50 and adaptive.compute_ms < symmetric.compute_ms
     assert results["force-balanced ideal"].layer_ms <= adaptive.layer_ms
     assert adaptive.replacements >= 1
+    # The hot experts change after the history, so a re-placement (and its migration) must follow.
+    counts.layers[1][4:] = counts.layers[1][4:, :, ::-1].copy()
+    results = {r.strategy: r for r in simulate(counts, SHAPE, FIXED_COST, replacement_interval=2)}
+    adaptive, symmetric = results["MicroEP (adaptive)"], results["MicroEP (symmetric)"]
+    assert adaptive.replacements >= 2 and adaptive.migration_ms > 0
     # A migration that costs seconds shows up in the adaptive layer time (and only there).
     slow = dataclasses.replace(FIXED_COST, migration_gbps=1e-3)
     slow_results = {r.strategy: r for r in simulate(counts, SHAPE, slow, replacement_interval=2)}
