@@ -194,7 +194,7 @@ def cmd_analyze(args) -> None:
         counts = read_routing(args.trace, args.experts)
         result = analysis.analyze(counts, args.ep, args.micro_ep, args.placement, args.seed, args.gpus_per_node,
                                   progress=_progress(args), replacement_interval=args.replacement_interval,
-                                  replacement_threshold=args.replacement_threshold)
+                                  replacement_threshold=args.replacement_threshold, bounds=args.bounds)
         plots = analysis.write_plots(result, args.plot_dir, args.plot_layer, args.plot_step) if args.plot_dir else []
     except TraceError as exc:
         raise InputError(str(exc)) from exc
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptive: micro-batches between re-placement checks")
     p.add_argument("--replacement-threshold", type=float, default=0.0,
                    help="adaptive: re-place only when predicted max/mean improves by more (0 = at every check)")
+    p.add_argument("--bounds", action="store_true",
+                   help="adaptive: also print hindsight (non-causal) bounds: window and micro-batch oracles, "
+                        "replica floors (slow: a placement search per interval and per micro-batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random placement")
     p.add_argument("--gpus-per-node", type=int, help="for same-node-first routing")
     p.add_argument("--plot-dir", help="write PNG plots here")

@@ -240,3 +240,16 @@ def test_a_failing_search_keeps_the_placement_and_is_counted(monkeypatch):
     assert policy.failures == 1
     with pytest.raises(ValueError, match=r"load: expected \[32\]"):
         policy.history.observe(np.ones(31))
+
+
+def test_stress_tier_only_breaks_ties_and_gets_a_bounded_share_of_the_search():
+    """A stress no table can meet (an expert 100x heavier) never costs balance on the forecast, and
+    once the forecast is balanced the search spends at most STRESS_SHARE of its budget on it."""
+    forecast = np.ones(8)
+    start = placements.symmetric(4, 8, 2).phy2log
+    score = asymmetric.ScenarioScore(forecast, 4, stress=100.0, stress_experts=4)
+    assert score.evaluate(start)[0][0] <= asymmetric.GOOD_ENOUGH < score.evaluate(start)[0][1]
+    table, worst, used = asymmetric.improve_table(start, None, 100, score=score)
+    assert worst <= asymmetric.GOOD_ENOUGH                       # the forecast stays balanced
+    assert 1 < used <= 1 + int(asymmetric.STRESS_SHARE * 100)    # it did search, within its share
+    assert score.evaluate(table)[0] <= score.evaluate(start)[0]  # and never made the key worse

@@ -97,7 +97,8 @@ def write_megatron_trace(directory, counts_per_rank_step_layer, top_k=2, experts
 
 
 def test_megatron_trace_parsing(tmp_path):
-    records = [(0, 1, 5), (0, 1, 7), (0, 2, 5), (1, 1, 6), (1, 2, 6)]  # two micro-batches at step 0, layer 1
+    # Megatron writes decoder.layers indices (0-based); counts number layers from 1 like layer_number.
+    records = [(0, 0, 5), (0, 0, 7), (0, 1, 5), (1, 0, 6), (1, 1, 6)]  # two micro-batches at step 0, layer 1
     write_megatron_trace(tmp_path, {0: records, 1: records})
     counts = read_router_traces(tmp_path, num_experts=8)
     assert sorted(counts.layers) == [1, 2]
@@ -157,7 +158,10 @@ def test_analyze_json_and_plots(tmp_path, capsys):
 
 
 def test_analyze_reads_megatron_traces_and_reports_errors(tmp_path, capsys):
-    write_megatron_trace(tmp_path, {r: [(0, 1, 32), (1, 1, 32)] for r in range(4)})
+    write_megatron_trace(tmp_path, {r: [(0, 0, 32), (1, 0, 32)] for r in range(4)})
+    assert micromoe(["analyze", str(tmp_path), "--experts", "8", "--ep", "2", "--micro-ep", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["layer"] for row in result["layers"]] == [1]  # trace layer 0 is Megatron's layer_number 1
     assert micromoe(["analyze", str(tmp_path), "--experts", "8", "--ep", "2", "--micro-ep", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 GPUs, 8 experts, EP 2, MicroEP d = 2" in out and "GPU max/mean" in out
@@ -244,6 +248,67 @@ def test_analyze_adaptive_reports_the_steady_state_apart():
     assert "micro_ep_steady_p99" not in analysis.analyze(counts, ep=4, micro_ep=2)["layers"][0]
 
 
+def jump_counts():
+    """4 GPUs, 8 experts: expert 5 hot throughout; idle expert 6 jumps to 31% at micro-batch 8."""
+    calm = [17, 17, 17, 17, 17, 154, 0, 17]     # tokens per expert on each GPU
+    jump = [4, 4, 4, 4, 3, 154, 80, 3]
+    steps = [calm] * 8 + [jump] * 8
+    return RoutingCounts({1: np.array([[row] * 4 for row in steps], dtype=np.int64)}, 8)
+
+
+def check_bound_order(row):
+    """What holds whatever the (heuristic) searches find, micro-batch by micro-batch."""
+    adaptive = np.array(row["series"]["steady"])
+    bounds = {name: np.array(values) for name, values in row["series_bounds"].items()}
+    assert all(len(values) == len(adaptive) for values in bounds.values())
+    tol = 1e-12
+    # The count floor (best replica counts per micro-batch) is below every placement's value.
+    assert np.all(bounds["count_floor"] >= 1.0) and np.all(bounds["count_floor"] <= bounds["micro_batch_oracle"] + tol)
+    assert np.all(bounds["replica_floor"] <= adaptive + tol)   # the replay's own counts
+    # The micro-batch oracle takes the best of its search, the window oracle's and the replay's placement.
+    assert np.all(bounds["micro_batch_oracle"] <= np.minimum(adaptive, bounds["window_oracle"]) + tol)
+    # Per check interval the window oracle keeps the replay's placement unless it finds a better max.
+    assert bounds["window_oracle"].max() <= adaptive.max() + tol
+
+
+def test_hindsight_bounds_show_the_causal_gap():
+    """A sudden jump: the causal replay cannot know it, the window oracle balances it."""
+    result = analysis.analyze(jump_counts(), ep=2, micro_ep=2, placement="adaptive", replacement_interval=4,
+                              bounds=True)
+    row = result["layers"][0]
+    check_bound_order(row)
+    steady = row["series"]["steady"]
+    assert row["steady_micro_batches"] == 12 and max(steady[4:8]) >= 1.2   # planned before the jump was seen
+    assert row["micro_ep_steady_p99"] >= 1.2 and row["window_oracle_p99"] <= 1.001
+    assert row["micro_batch_oracle_p99"] <= 1.001 and row["count_floor_p99"] == 1.0
+    assert row["replica_floor_p99"] >= 1.2          # the replay gave expert 6 one replica: counts, not table
+    text = analysis.format_analysis(result)
+    assert "HINDSIGHT bounds (non-causal" in text and "window oracle" in text
+    # Without --bounds the replay is unchanged and carries no bound fields.
+    plain = analysis.analyze(jump_counts(), ep=2, micro_ep=2, placement="adaptive", replacement_interval=4)
+    assert plain["layers"][0]["series"]["steady"] == steady and "window_oracle_p99" not in plain["layers"][0]
+    assert "HINDSIGHT" not in analysis.format_analysis(plain)
+
+
+def test_hindsight_bound_order_on_drifting_routing(tmp_path, capsys):
+    """Two MicroEP groups, skewed drifting routing: the guaranteed inequalities, and the CLI/JSON."""
+    counts = drifting_counts(skew=1.2, gpus=8, experts=16, micro_batches=8)
+    result = analysis.analyze(counts, ep=2, micro_ep=2, placement="adaptive", replacement_interval=2, bounds=True)
+    row = result["layers"][0]
+    assert row["steady_micro_batches"] == 6
+    check_bound_order(row)
+    path = write_counts(counts, tmp_path / "c.npz")
+    args = ["analyze", str(path), "--ep", "2", "--micro-ep", "2", "--replacement-interval", "2"]
+    assert micromoe([*args, "--placement", "adaptive", "--bounds", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bounds"] is True and "series_bounds" not in out["layers"][0]
+    assert {k: out["layers"][0][k] for k in ("window_oracle_p99", "count_floor_p50")} == \
+        {k: row[k] for k in ("window_oracle_p99", "count_floor_p50")}
+    assert micromoe([*args, "--bounds"]) == 2
+    err = capsys.readouterr().err
+    assert "--bounds" in err and "--placement adaptive" in err and len(err.strip().splitlines()) == 1
+
+
 def test_analyze_adaptive_command(tmp_path, capsys):
     path = write_counts(drifting_counts(micro_batches=4, gpus=8), tmp_path / "c.npz")
     assert micromoe(["analyze", str(path), "--ep", "4", "--micro-ep", "2", "--placement", "adaptive",
@@ -265,6 +330,11 @@ def test_simulate_charges_migration_and_adaptive_beats_symmetric_on_skew():
     assert adaptive.imbalance_p50 < symmetric.imbalance_p50 and adaptive.compute_ms < symmetric.compute_ms
     assert results["force-balanced ideal"].layer_ms <= adaptive.layer_ms
     assert adaptive.replacements >= 1
+    # The hot experts change after the history, so a re-placement (and its migration) must follow.
+    counts.layers[1][4:] = counts.layers[1][4:, :, ::-1].copy()
+    results = {r.strategy: r for r in simulate(counts, SHAPE, FIXED_COST, replacement_interval=2)}
+    adaptive, symmetric = results["MicroEP (adaptive)"], results["MicroEP (symmetric)"]
+    assert adaptive.replacements >= 2 and adaptive.migration_ms > 0
     # A migration that costs seconds shows up in the adaptive layer time (and only there).
     slow = dataclasses.replace(FIXED_COST, migration_gbps=1e-3)
     slow_results = {r.strategy: r for r in simulate(counts, SHAPE, slow, replacement_interval=2)}

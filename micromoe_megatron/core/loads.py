@@ -17,6 +17,18 @@ def max_over_mean(load) -> float:
     return float(load.max() / mean) if mean else 1.0
 
 
+def replica_floor(expert_load, logcnt, num_gpus: int) -> float:
+    """Lowest GPU max/mean any slot table with these replica counts can reach on one micro-batch.
+
+    Some GPU holds a replica of the busiest expert per replica and gets at least its tokens per
+    replica, ``max_e load[e] / logcnt[e]``, over the mean ``sum(load) / F`` (and never below 1). ``expert_load`` ``[E]``
+    tokens per expert, ``logcnt`` ``[E]`` replicas per expert (>= 1). 1.0 for an empty micro-batch.
+    """
+    load = np.asarray(expert_load, dtype=np.float64)
+    total = load.sum()
+    return max(1.0, float(np.max(load / np.asarray(logcnt)) * num_gpus / total)) if total else 1.0
+
+
 def zipf_probabilities(num_experts: int, skew: float, rng: np.random.Generator) -> np.ndarray:
     """``[E]`` routing probabilities: Zipf(skew) over a random popularity order."""
     weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -float(skew)

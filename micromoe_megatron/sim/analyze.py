@@ -9,6 +9,7 @@ import numpy as np
 from ..core import placement as placements
 from ..core.loads import max_over_mean
 from .counts import RoutingCounts, TraceError
+from .hindsight import hindsight_bounds
 from .strategies import AdaptiveReplicaLP, ReplicaLP, VanillaEP
 
 PERCENTILES = (50, 90, 99)
@@ -16,7 +17,7 @@ PERCENTILES = (50, 90, 99)
 
 def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "symmetric", seed: int = 0,
             gpus_per_node: int | None = None, progress=None, replacement_interval: int = 1,
-            replacement_threshold: float = 0.0) -> dict:
+            replacement_threshold: float = 0.0, bounds: bool = False) -> dict:
     """Per layer: the distribution over micro-batches of GPU max/mean tokens, both ways.
 
     The traced GPUs are taken in groups of ``F = micro_ep x EP`` consecutive ranks (Megatron's rank
@@ -30,6 +31,13 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
     ``micro_ep_steady_p50/p90/p99`` are over the micro-batches planned after every group's first
     re-placement (the rest ran on the symmetric start while the forecast warmed up); None when no
     micro-batch came after it.
+
+    ``bounds=True`` (adaptive only) adds hindsight, non-causal bounds over the same steady
+    micro-batches (``hindsight.py``): ``window_oracle_p50/p99`` (a placement per check interval
+    searched from that interval's own counts), ``micro_batch_oracle_p50/p99`` (the best placement
+    found per micro-batch), ``replica_floor_p50/p99`` (the floor of the replay's replica counts)
+    and ``count_floor_p50/p99`` (the floor of the best replica counts per micro-batch: no placement
+    does better). Slow: a placement search per check interval and per micro-batch.
     """
     num_gpus, num_experts = counts.num_gpus, counts.num_experts
     group = ep * micro_ep
@@ -44,6 +52,8 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
         raise TraceError(f"--replacement-interval must be >= 1 micro-batch, got {replacement_interval}")
     if adaptive and replacement_threshold < 0:
         raise TraceError(f"--replacement-threshold must be >= 0, got {replacement_threshold}")
+    if bounds and not adaptive:
+        raise TraceError("--bounds: the hindsight bounds compare with the adaptive replay; add --placement adaptive")
     try:
         layout = placements.make_placement("symmetric" if adaptive else placement, group, num_experts, micro_ep,
                                            seed=seed)
@@ -60,10 +70,14 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
         else:
             planners = [ReplicaLP("MicroEP", layout.holders, group, gpus_per_node) for _ in groups]
         before, after, steady, fallbacks = [], [], [], 0
+        steady_steps, used = [], [[] for _ in groups]   # used[i][step]: group i's placement
         for step, tokens in enumerate(array):
             load_before = np.concatenate([vanilla.outcome(tokens[g]).load for g in groups])
             # Planned on a re-placed table in every group (re-placement comes after a micro-batch's plan).
             settled = adaptive and all(p.replacements for p in planners)
+            if adaptive:
+                for i, p in enumerate(planners):
+                    used[i].append(p.policy.placement)
             outcomes = [p.outcome(tokens[g]) for p, g in zip(planners, groups)]
             load_after = np.concatenate([o.load for o in outcomes])
             fallbacks += sum(o.fallback for o in outcomes)
@@ -71,6 +85,7 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
             after.append(max_over_mean(load_after))
             if settled:
                 steady.append(after[-1])
+                steady_steps.append(step)
             loads[(layer, step)] = (load_before, load_after)
         row = {"layer": layer, "micro_batches": len(array), "fallbacks": fallbacks}
         if adaptive:
@@ -79,6 +94,14 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
             row["steady_micro_batches"] = len(steady)
             for q in PERCENTILES:
                 row[f"micro_ep_steady_p{q}"] = float(np.percentile(steady, q)) if steady else None
+        if bounds:
+            if progress:
+                progress(f"  layer {layer}: hindsight bounds over {len(steady_steps)} steady micro-batches")
+            hindsight = hindsight_bounds(array, groups, used, steady_steps, replacement_interval, progress=progress)
+            for name, values in hindsight.items():
+                for q in (50, 99):
+                    row[f"{name}_p{q}"] = float(np.percentile(values, q)) if values else None
+            row["series_bounds"] = hindsight
         for name, values in (("vanilla", before), ("micro_ep", after)):
             for q in PERCENTILES:
                 row[f"{name}_p{q}"] = float(np.percentile(values, q))
@@ -97,13 +120,13 @@ def analyze(counts: RoutingCounts, ep: int, micro_ep: int, placement: str = "sym
     return {"gpus": num_gpus, "experts": num_experts, "ep": ep, "micro_ep": micro_ep, "placement": placement,
             "group_size": group, "layers": layers, "overall": overall, "_loads": loads,
             **({"replacement_interval": replacement_interval, "replacement_threshold": replacement_threshold}
-               if adaptive else {})}
+               if adaptive else {}), **({"bounds": True} if bounds else {})}
 
 
 def public_json(result: dict) -> dict:
     """The JSON shape ``micromoe analyze --json`` prints (no per-step series or loads)."""
     out = {k: v for k, v in result.items() if not k.startswith("_")}
-    out["layers"] = [{k: v for k, v in row.items() if k != "series"} for row in result["layers"]]
+    out["layers"] = [{k: v for k, v in row.items() if not k.startswith("series")} for row in result["layers"]]
     return out
 
 
@@ -132,7 +155,29 @@ def format_analysis(result: dict) -> str:
     if adaptive:
         lines.append("MicroEP p50/p90/p99: every micro-batch, the warm-up on the symmetric start included. Steady: "
                      "only the n micro-batches planned after every group's first re-placement.")
+    if result.get("bounds"):
+        lines += _format_bounds(result)
     return "\n".join(lines)
+
+
+BOUND_COLUMNS = (("micro_ep_steady", "adaptive (causal)"), ("window_oracle", "window oracle"),
+                 ("micro_batch_oracle", "micro-batch oracle"), ("replica_floor", "replica floor"),
+                 ("count_floor", "count floor"))
+
+
+def _format_bounds(result: dict) -> list[str]:
+    lines = ["HINDSIGHT bounds (non-causal: they use counts the replay could not have seen), GPU max/mean p50 p99 "
+             "over the steady micro-batches:",
+             f"{'layer':>5} {'steady n':>8} | " + " | ".join(f"{title:>18}" for _, title in BOUND_COLUMNS)]
+    for row in result["layers"]:
+        cells = [f"{_ratio(row[f'{name}_p50'])} {_ratio(row[f'{name}_p99'])}    " for name, _ in BOUND_COLUMNS]
+        lines.append(f"{row['layer']:>5} {row['steady_micro_batches']:>8} | " + " | ".join(f"{c:>18}" for c in cells))
+    lines.append("window oracle: per check interval, the placement searched from the counts it will serve (best of "
+                 "that search and the replay's placement); micro-batch oracle: the best placement found for each "
+                 "micro-batch alone (a search, not a proof); replica floor: the busiest expert's tokens per replica "
+                 "with the replay's replica counts; count floor: the same with the best counts per micro-batch, "
+                 "which no placement with these slots beats.")
+    return lines
 
 
 def _ratio(value) -> str:

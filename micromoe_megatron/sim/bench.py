@@ -179,8 +179,7 @@ def bench_balance(steps: int = 50, skews=BALANCE_SKEWS, num_gpus: int = 8, num_e
                 continue
             ratios["adaptive"].append(outcome.imbalance)
             # No table with these replica counts beats the busiest expert's tokens per replica.
-            expert_load = tokens.sum(axis=0)
-            ratios["replica_bound"].append(float(np.max(expert_load / current.logcnt)) * num_gpus / expert_load.sum())
+            ratios["replica_bound"].append(loads.replica_floor(tokens.sum(axis=0), current.logcnt, num_gpus))
             if outcome.imbalance > ADAPTIVE_TARGET:
                 outliers += 1
                 after_replacement += fresh

@@ -122,7 +122,9 @@ def read_counts_file(path: str | Path) -> RoutingCounts:
 def read_router_traces(directory: str | Path, num_experts: int) -> RoutingCounts:
     """Megatron ``--moe-routing-trace-path`` output -> counts (decoder layers; MTP records skipped).
 
-    Records of one (step, layer) on one rank are that rank's micro-batches, in file order.
+    Records of one (step, layer) on one rank are that rank's micro-batches, in file order. Megatron
+    writes a decoder layer as its index in ``decoder.layers`` (0-based); the counts number it from 1,
+    as Megatron's ``layer_number`` and the MicroEP metrics do (trace layer 0 is layer 1).
     """
     directory = Path(directory)
     files = sorted(directory.glob("router_trace_rank*.jsonl"),
@@ -150,7 +152,7 @@ def read_router_traces(directory: str | Path, num_experts: int) -> RoutingCounts
             indices = indices[indices >= 0]  # padded / dropped slots carry -1
             if indices.size and indices.max() >= num_experts:
                 raise TraceError(f"{where}: expert index {int(indices.max())} >= --experts {num_experts}")
-            records[(int(record["step"]), int(record["layer"]))].append(
+            records[(int(record["step"]), int(record["layer"]) + 1)].append(
                 np.bincount(indices, minlength=num_experts))
         per_rank[rank] = records
     ranks = sorted(per_rank)
