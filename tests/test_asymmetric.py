@@ -156,6 +156,10 @@ def test_threshold_and_migration_cost_gate_the_re_placement():
     assert not decisions[0].replace and "threshold" in decisions[0].reason
     policy, decisions = policy_run(steps=2, interval=2, threshold=0.01, ms_per_token=1.0)
     assert decisions[0].replace and decisions[0].gain_ms > decisions[0].migration_ms
+    # Expert time not measured (micromoe analyze replays counts only): the threshold alone decides,
+    # even against an expensive migration (a gain of 0 ms used to refuse every re-placement).
+    policy, decisions = policy_run(steps=2, interval=2, threshold=0.01, migration=expensive)
+    assert decisions[0].replace and policy.replacements == 1
 
 
 def test_every_rank_decides_identically():

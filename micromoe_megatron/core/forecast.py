@@ -175,7 +175,9 @@ class ReplacementPolicy:
         window, method, alpha: the ``LoadHistory``.
         migration: the ``MigrationCost`` model (its prior); ``record_migration`` refits it from every
             measured migration so far (the newest ``MAX_SAMPLES``).
-        ms_per_token: expert compute time per token-expert assignment on the slowest GPU.
+        ms_per_token: expert compute time per token-expert assignment on the slowest GPU; 0 (not
+            measured, e.g. ``micromoe analyze`` replaying a trace) skips the time gate, and the
+            threshold alone decides.
         micro_batches_per_check: micro-batches between two checks (the gain's horizon).
         robust_window: the newest this-many observed micro-batches are scored with the forecast,
             so the new table also balances the recent ones (noise, flip-flopping experts); 0 = the
@@ -274,7 +276,7 @@ class ReplacementPolicy:
             replace, reason = True, "threshold 0: re-place at every check"
         elif ratio_now - ratio_new <= self.threshold:
             replace, reason = False, f"predicted gain {ratio_now - ratio_new:.4f} <= threshold {self.threshold}"
-        elif gain_ms <= migration_ms:
+        elif self.ms_per_token > 0 and gain_ms <= migration_ms:
             replace, reason = False, f"predicted gain {gain_ms:.3f} ms <= migration {migration_ms:.3f} ms"
         else:
             replace, reason = True, f"predicted max/mean {ratio_now:.4f} -> {ratio_new:.4f}"
